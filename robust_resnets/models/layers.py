@@ -1,0 +1,97 @@
+"""Layers shared by the model families: input normalisation, and activation/norm lookup by name."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional, Sequence, Type, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm2d, get_act_layer
+
+__all__ = [
+    'CIFAR10_MEAN', 'CIFAR10_STD', 'CIFAR100_MEAN', 'CIFAR100_STD',
+    'InputNormalize', 'resolve_act_layer', 'resolve_norm_layer', 'LayerType',
+]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+LayerType = Union[str, Callable[..., nn.Module], Type[nn.Module]]
+
+
+class InputNormalize(nn.Module):
+    """Standardises [0, 1] pixels with a fixed per-channel mean and std, inside the model.
+
+    Robust models are attacked in pixel space, so the normalisation that some checkpoints
+    were trained with lives in the model (as buffers that travel with the weights), and the
+    timm pretrained cfg of such a model keeps ``mean=0, std=1``.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f'mean has {len(mean)} channels but std has {len(std)}; give one value per channel.')
+        if any(s <= 0 for s in std):
+            raise ValueError(f'std must be positive, got {tuple(std)}.')
+        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f'mean={tuple(round(v, 4) for v in self.mean.flatten().tolist())}, ' \
+               f'std={tuple(round(v, 4) for v in self.std.flatten().tolist())}'
+
+
+class GroupNorm8(nn.GroupNorm):
+    """GroupNorm with ``num_channels // 8`` groups: the authors' (Huang et al.) GroupNorm convention."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, **kwargs) -> None:
+        super().__init__(max(num_channels // 8, 1), num_channels, eps=eps, affine=affine, **kwargs)
+
+
+_NORM_LAYERS = {
+    'batchnorm': nn.BatchNorm2d,
+    'batchnorm2d': nn.BatchNorm2d,
+    'groupnorm': GroupNorm8,
+    'layernorm': LayerNorm2d,
+    'layernorm2d': LayerNorm2d,
+    'instancenorm': partial(nn.InstanceNorm2d, affine=False),
+}
+
+_ACT_ALIASES = {'leakyrelu': 'leaky_relu', 'swish': 'silu'}
+
+
+def resolve_act_layer(act: Optional[LayerType]) -> Callable[..., nn.Module]:
+    """Returns an activation constructor for a name ('ReLU', 'SiLU', 'Swish', 'GELU', ...) or a class.
+
+    Names follow the authors' configs (case-insensitive) and timm's ``get_act_layer``. Swish is
+    x * sigmoid(x), i.e. SiLU.
+    """
+    if act is None:
+        return nn.Identity
+    if not isinstance(act, str):
+        return act
+    key = act.lower().replace('-', '_')
+    key = _ACT_ALIASES.get(key, key)
+    layer = get_act_layer(key)
+    if layer is None:
+        raise ValueError(f"Unknown activation '{act}'. Use a name such as 'ReLU', 'SiLU', 'GELU', 'Mish', "
+                         f"'ELU', 'Softplus' or 'LeakyReLU', or pass an nn.Module class.")
+    return layer
+
+
+def resolve_norm_layer(norm: Optional[LayerType]) -> Callable[..., nn.Module]:
+    """Returns a 2d normalisation constructor for 'BatchNorm', 'GroupNorm', 'LayerNorm', 'InstanceNorm' or a class."""
+    if norm is None:
+        return nn.Identity
+    if not isinstance(norm, str):
+        return norm
+    key = norm.lower().replace('_', '').replace('-', '')
+    if key not in _NORM_LAYERS:
+        raise ValueError(f"Unknown normalization '{norm}'. Use one of 'BatchNorm', 'GroupNorm', 'LayerNorm', "
+                         f"'InstanceNorm', or pass an nn.Module class.")
+    return _NORM_LAYERS[key]

@@ -1,0 +1,3 @@
+def robust_scaling(): pass
+def scale_by_depth(): pass
+def scale_by_width(): pass
