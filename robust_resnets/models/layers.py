@@ -77,7 +77,10 @@ def resolve_act_layer(act: Optional[LayerType]) -> Callable[..., nn.Module]:
         return act
     key = act.lower().replace('-', '_')
     key = _ACT_ALIASES.get(key, key)
-    layer = get_act_layer(key)
+    try:
+        layer = get_act_layer(key)
+    except KeyError:
+        layer = None
     if layer is None:
         raise ValueError(f"Unknown activation '{act}'. Use a name such as 'ReLU', 'SiLU', 'GELU', 'Mish', "
                          f"'ELU', 'Softplus' or 'LeakyReLU', or pass an nn.Module class.")

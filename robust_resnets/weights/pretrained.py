@@ -1,9 +1,142 @@
-"""Hook that every model family's ``_create_*`` calls before timm builds a model with pretrained weights."""
+"""Hook that every model family's ``_create_*`` calls before timm builds a model with pretrained weights.
+
+For a manifest tag (``timm.create_model('robust_resnet_a1.cifar10_trades', pretrained=True)``) it
+merges the checkpoint's ``model_args`` into the build kwargs, resolves ``model.safetensors`` through
+the Hugging Face cache, checks its sha256 against the manifest and hands the local file to timm
+with ``pretrained_cfg_overlay=dict(file=...)``; timm then loads it with the family's checkpoint
+filter. timm itself never reaches the Hub, so this works with every timm >= 1.0.9. A local file
+given as ``pretrained_cfg_overlay=dict(file=...)`` is used as is (it must be a ``.safetensors``).
+"""
 from __future__ import annotations
 
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from .manifest import PretrainedWeights, entries_for_architecture, get_manifest
+
+__all__ = ['resolve_pretrained_kwargs', 'check_weights_file']
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def _tag_of(pretrained_cfg: Any) -> Optional[str]:
+    if pretrained_cfg is None or isinstance(pretrained_cfg, str):
+        return pretrained_cfg or None
+    tag = pretrained_cfg.get('tag') if isinstance(pretrained_cfg, Mapping) else getattr(pretrained_cfg, 'tag', None)
+    return tag or None
+
+
+def _not_published_message(weights: PretrainedWeights) -> str:
+    orig = weights.original
+    where = '\n    '.join(orig['locations'])
+    return (
+        f"{weights.name} has no published weights yet (weights_manifest: published=false).\n"
+        f"  The original checkpoint ({orig['layout']} layout; {orig['file']}) is at:\n    {where}\n"
+        f"  Download it, then convert it with:\n    {weights.convert_command()}\n"
+        f"  and load the result with timm.create_model('{weights.name}', pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='./{weights.name}/model.safetensors')).")
+
+
+def check_weights_file(path: Path, weights: PretrainedWeights) -> None:
+    """Checks that a weights file is a safetensors file made for this entry (architecture, class count).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: It is not a safetensors file, or its metadata names another architecture or class count.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f'Pretrained file {path} does not exist; check the path given in '
+                                f'pretrained_cfg_overlay=dict(file=...).')
+    if path.suffix != '.safetensors':
+        raise ValueError(f'{path} is not a .safetensors file. Pickled checkpoints are not loaded here; convert it '
+                         f'with: {weights.convert_command().replace("CHECKPOINT", str(path))}')
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f'{path} is not a readable safetensors file ({e}); re-download or re-convert it.') from e
+    arch = meta.get('architecture')
+    if arch and arch != weights.architecture:
+        raise ValueError(f"{path} holds weights for '{arch}' (tag {meta.get('tag')!r}), not '{weights.architecture}'; "
+                         f"create '{arch}.{meta.get('tag')}' instead, or pick the file made for {weights.name}.")
+    classes = meta.get('num_classes')
+    if classes and int(classes) != weights.num_classes:
+        raise ValueError(f'{path} has a {classes}-class head but {weights.name} has {weights.num_classes} classes '
+                         f'({weights.dataset}); use the file made for {weights.name}. To fine-tune on another class '
+                         f'count, pass num_classes=N to create_model instead.')
+
+
+def _default_entry(variant: str) -> Optional[PretrainedWeights]:
+    """The tag an untagged ``pretrained=True`` resolves to: the first entry that fits the plain architecture."""
+    entries = entries_for_architecture(variant)
+    plain = [w for w in entries if not w.model_args]
+    if entries and not plain:
+        raise RuntimeError(f"'{variant}' has no untagged pretrained weights; its checkpoints need specific "
+                           f"arguments, so name one: {[w.name for w in entries]}.")
+    return plain[0] if plain else None
 
 
 def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Returns the ``build_model_with_cfg`` kwargs with the pretrained file resolved (placeholder: unchanged)."""
+    """Returns the ``build_model_with_cfg`` kwargs for ``variant`` with the manifest's weights resolved.
+
+    Args:
+        variant: Architecture name (no tag).
+        pretrained: Whether weights are requested.
+        kwargs: The entry point's kwargs, including timm's ``pretrained_cfg`` (a tag, a dict or None),
+            ``pretrained_cfg_overlay`` and ``cache_dir``.
+
+    Raises:
+        RuntimeError: The weights are not published, not cached while offline, or failed to download.
+        ChecksumError: The file differs from the manifest (it is deleted, never loaded).
+        ValueError: An explicit kwarg contradicts the checkpoint's ``model_args``, or a local file does
+            not fit the architecture.
+    """
+    kwargs = dict(kwargs)
+    cfg_arg = kwargs.get('pretrained_cfg')
+    if cfg_arg is not None and not isinstance(cfg_arg, str):
+        source = cfg_arg.get('source') if isinstance(cfg_arg, Mapping) else getattr(cfg_arg, 'source', None)
+        if source in ('hf-hub', 'local-dir') or not _tag_of(cfg_arg):
+            return kwargs  # 'hf-hub:org/name' / 'local-dir:' models, or a complete cfg: timm loads them itself
+    tag = _tag_of(cfg_arg)
+    if tag is None:
+        if not pretrained:
+            return kwargs
+        weights = _default_entry(variant)
+        if weights is None:
+            return kwargs
+        if cfg_arg is None:
+            kwargs['pretrained_cfg'] = weights.tag
+    else:
+        weights = get_manifest().get(f'{variant}.{tag}')
+        if weights is None:
+            return kwargs  # a tag from the family's own default_cfgs
+
+    for key, value in weights.model_args.items():
+        if key in kwargs and _normalise(kwargs[key]) != _normalise(value):
+            raise ValueError(f'{weights.name} was trained with {key}={value!r}, but {key}={kwargs[key]!r} was given; '
+                             f'drop the argument (or use pretrained=False with another tag).')
+        kwargs.setdefault(key, value)
+    if not pretrained:
+        return kwargs
+
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+    if overlay.get('state_dict') is not None:
+        return kwargs
+    if overlay.get('file'):
+        check_weights_file(Path(overlay['file']), weights)
+        return kwargs
+    if not weights.published:
+        raise RuntimeError(_not_published_message(weights))
+    from .hub import download_weights
+
+    path = download_weights(weights, cache_dir=kwargs.get('cache_dir'))
+    check_weights_file(path, weights)
+    overlay['file'] = str(path)
+    kwargs['pretrained_cfg_overlay'] = overlay
     return kwargs

@@ -1,0 +1,1 @@
+"""Reproductions of the papers' tables and performance benchmarks: ``python -m benchmarks --help``."""

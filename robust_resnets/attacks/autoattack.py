@@ -1,0 +1,140 @@
+"""AutoAttack (Croce and Hein 2020) through the ``pyautoattack`` package.
+
+AutoAttack runs its attacks one after another, each on the examples that are still classified
+correctly. :func:`iter_autoattack` does the same, one attack and one batch at a time, so that a
+caller can show progress and save a resumable state between batches; :func:`autoattack_attack`
+is the one-call form. With the same seed and batch size the adversarial examples equal those of
+``AutoAttack.run_standard_evaluation``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = [
+    'AUTOATTACK_VERSIONS', 'AUTOATTACK_ATTACKS', 'AUTOATTACK_NORMS',
+    'build_autoattack', 'iter_autoattack', 'autoattack_attack',
+]
+
+AUTOATTACK_VERSIONS = ('standard', 'plus', 'rand', 'custom')
+AUTOATTACK_ATTACKS = ('apgd-ce', 'apgd-dlr', 'fab', 'square', 'apgd-t', 'fab-t')
+AUTOATTACK_NORMS = ('Linf', 'L2', 'L1')
+
+
+def build_autoattack(model: nn.Module, *, eps: float, norm: str = 'Linf', version: str = 'standard',
+                     attacks: Optional[Sequence[str]] = None, seed: Optional[int] = 0,
+                     device: Union[str, torch.device, None] = None):
+    """Returns a configured ``pyautoattack.AutoAttack``; its ``attacks_to_run`` lists the attacks in order.
+
+    Args:
+        model: Classifier taking [0, 1] images, returning logits.
+        eps: Radius of the threat model ball.
+        norm: 'Linf', 'L2' or 'L1'.
+        version: 'standard', 'plus', 'rand' (for randomised defences, EOT), or 'custom' with ``attacks``.
+        attacks: The attacks of a 'custom' version, from :data:`AUTOATTACK_ATTACKS`.
+        seed: Seed of every attack's random draws; None draws from the clock (not repeatable).
+        device: Where the attacks run (default: the device of the model's parameters).
+    """
+    from pyautoattack import AutoAttack
+
+    if version not in AUTOATTACK_VERSIONS:
+        raise ValueError(f"Unknown AutoAttack version '{version}'; use one of {AUTOATTACK_VERSIONS}.")
+    if norm not in AUTOATTACK_NORMS:
+        raise ValueError(f"Unknown AutoAttack norm '{norm}'; use one of {AUTOATTACK_NORMS}.")
+    if version == 'custom':
+        unknown = [a for a in (attacks or ()) if a not in AUTOATTACK_ATTACKS]
+        if not attacks or unknown:
+            raise ValueError(f'A custom AutoAttack needs a non-empty list of attacks from {AUTOATTACK_ATTACKS}; '
+                             f'got {list(attacks or ())}.')
+    elif attacks:
+        raise ValueError(f"AutoAttack version '{version}' fixes its attacks; pass version='custom' to choose them.")
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device('cpu')
+    adversary = AutoAttack(model, attacks=list(attacks) if attacks else None, device=device, eps=eps, norm=norm,
+                           seed=seed, version=version)
+    adversary.verbose = False
+    return adversary
+
+
+def iter_autoattack(
+        adversary,
+        images: Tensor,
+        labels: Tensor,
+        robust: Tensor,
+        *,
+        batch_size: int,
+        skip: Sequence[str] = (),
+) -> Iterator[Tuple[str, Tensor, Tensor]]:
+    """Runs the adversary's attacks in order on the examples flagged ``robust``, one batch at a time.
+
+    After each batch it yields ``(attack, indices, adversarial images of those indices)``; the caller
+    updates ``robust`` in place (False where the adversarial image is misclassified) before the next
+    batch, which is how later attacks see only the examples that are left.
+
+    Args:
+        adversary: From :func:`build_autoattack`.
+        images: Clean images, float in [0, 1] or uint8 (any device; batches move to the adversary's device).
+        labels: True labels.
+        robust: Boolean flags, N, on the device of ``images``: the examples still to attack.
+        batch_size: Examples per batch.
+        skip: Attacks already completed (from a resumed state).
+    """
+    attacks: List[str] = list(adversary.attacks_to_run)
+    logger = logging.getLogger('auto-attack')
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its per-call checks are run once by the caller instead
+    try:
+        for attack in attacks:
+            if attack in skip:
+                continue
+            todo = robust.nonzero().squeeze(1)
+            adversary.attacks_to_run = [attack]
+            for start in range(0, todo.numel(), batch_size):
+                idx = todo[start:start + batch_size]
+                x, y = images[idx].to(adversary.device), labels[idx].to(adversary.device)
+                x = x if x.is_floating_point() else x.float() / 255
+                adv, _ = adversary.run_standard_evaluation(x, y, batch_size=idx.numel())
+                yield attack, idx, adv.detach()
+            yield attack, todo[:0], images[:0]  # end of this attack: lets the caller save its state
+    finally:
+        adversary.attacks_to_run = attacks
+        logger.setLevel(level)
+
+
+def autoattack_attack(
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        eps: float,
+        norm: str = 'Linf',
+        version: str = 'standard',
+        attacks: Optional[Sequence[str]] = None,
+        seed: Optional[int] = 0,
+        batch_size: int = 250,
+        device: Union[str, torch.device, None] = None,
+) -> Tensor:
+    """Returns AutoAttack's adversarial images (the clean image where no attack succeeded).
+
+    Arguments are those of :func:`build_autoattack`, plus the batch size.
+    """
+    adversary = build_autoattack(model, eps=eps, norm=norm, version=version, attacks=attacks, seed=seed,
+                                 device=device)
+    adv_images = images.detach().clone()
+    with torch.no_grad():
+        robust = torch.cat([
+            model(images[i:i + batch_size].to(adversary.device)).argmax(1).to(images.device)
+            == labels[i:i + batch_size] for i in range(0, images.shape[0], batch_size)])
+    for _, idx, adv in iter_autoattack(adversary, images, labels, robust, batch_size=batch_size):
+        if idx.numel() == 0:
+            continue
+        with torch.no_grad():
+            fooled = (model(adv).argmax(1) != labels[idx].to(adv.device)).to(images.device)
+        adv_images[idx[fooled]] = adv[fooled].to(images.dtype).to(images.device)
+        robust[idx[fooled]] = False
+    return adv_images

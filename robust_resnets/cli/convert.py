@@ -1,0 +1,34 @@
+"""``robust-resnets convert``: an original checkpoint -> model.safetensors + config.json + README.md."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'convert', help='convert an original checkpoint into a publishable safetensors folder',
+        description='Open an original checkpoint safely (weights_only pickles or safetensors), map its keys with the '
+                    "target family's checkpoint filter, load it strictly into the manifest entry's architecture, "
+                    'and write model.safetensors, config.json and README.md into --out.')
+    parser.add_argument('checkpoint', help='the original file (.pt, .pth, .pth.tar or .safetensors)')
+    parser.add_argument('--to', required=True, metavar='NAME.TAG', help='manifest entry, e.g. robust_resnet_a1.cifar10_trades')
+    parser.add_argument('--out', required=True, metavar='DIR', help='folder to write into (created if needed)')
+    parser.add_argument('--layout', default=None, help='key layout of the original (default: detected)')
+    parser.add_argument('--overwrite', action='store_true', help='replace files already in --out')
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import robust_resnets  # noqa: F401  (registers the architectures)
+    from robust_resnets.weights.convert import convert_checkpoint
+    from robust_resnets.weights.manifest import get_weights
+
+    result = convert_checkpoint(args.checkpoint, name=args.to, out_dir=args.out, layout=args.layout,
+                                overwrite=args.overwrite)
+    print(f'Wrote {result.out_dir}/model.safetensors, config.json, README.md '
+          f'(layout {result.layout}; sha256 {result.sha256}; {result.size} bytes).')
+    print(f'After `robust-resnets publish {result.out_dir} --repo-id {result.entry["hf_hub"]["repo_id"]}`, set this '
+          f'entry in {get_weights(result.name).source_file}:')
+    print(json.dumps({result.name: result.entry}, indent=2))
+    return 0

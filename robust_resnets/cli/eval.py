@@ -1,0 +1,101 @@
+"""``robust-resnets eval``: clean and adversarial accuracy of a model, printed and written as JSON."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'eval', help='evaluate clean and adversarial accuracy (PGD, CW, AutoAttack)',
+        description='Evaluate a model under attacks, RobustBench-style: clean accuracy, each attack, and the '
+                    'per-example worst case. Attacks: clean, fgsm, pgd<K>[r<R>], cw<K>[r<R>], aa, aa-plus, '
+                    'aa-rand, aa:<attack>+<attack> (e.g. aa:apgd-ce+apgd-t).')
+    parser.add_argument('model', help='model name with optional tag (robust_resnet_a1.cifar10_trades), or any timm '
+                                      'model name (with --checkpoint or --random-init)')
+    parser.add_argument('--dataset', default='cifar10', choices=('cifar10', 'cifar100', 'imagenet'))
+    parser.add_argument('--attacks', default='clean,pgd20,cw40,aa', help='comma-separated (default: %(default)s)')
+    parser.add_argument('--eps', default=None, help='threat model radius, e.g. 8/255 (default: the manifest entry '
+                                                    "of the tag, else 8/255 for CIFAR and 4/255 for ImageNet)")
+    parser.add_argument('--norm', default=None, choices=('Linf', 'L2', 'L1'), help='default Linf or the tag\'s')
+    parser.add_argument('--step-size', default=None, help='PGD/CW step (default eps/10, i.e. 0.8/255 at 8/255)')
+    parser.add_argument('--n-examples', type=int, default=None,
+                        help='first N test images (default: all; 5000 for ImageNet)')
+    parser.add_argument('--data-dir', default='./data', help='dataset folder or archive (default: %(default)s)')
+    parser.add_argument('--download', action='store_true', help='let torchvision download CIFAR if missing')
+    parser.add_argument('--imagenet-subset', default='robustbench', choices=('robustbench', 'all'),
+                        help="ImageNet: RobustBench's 5,000 images, or all images found")
+    parser.add_argument('--checkpoint', default=None, help='local .safetensors/.pt weights instead of the published')
+    parser.add_argument('--random-init', action='store_true', help='evaluate the randomly initialised model (tests)')
+    parser.add_argument('--robustbench-id', default=None, help="RobustBench's name for the model, for its reported "
+                                                                'numbers (found automatically for known models)')
+    parser.add_argument('--batch-size', type=int, default=None, help='default: the largest that fits the GPU')
+    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--state', default=None, help='progress file to resume an interrupted run '
+                                                      '(default: OUT.state.json when --out is given)')
+    parser.add_argument('--out', default=None, help='results JSON to write (atomically)')
+    parser.add_argument('--allow-train-mode', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--allow-randomized', action='store_true', help='evaluate a randomised model anyway')
+    parser.add_argument('--no-masking-check', action='store_true', help='skip the gradient-masking checks')
+    parser.add_argument('--quiet', action='store_true', help='no progress bars')
+    parser.set_defaults(func=run)
+
+
+def format_table(data: dict) -> str:
+    """A plain-text table of a results dict: one line per attack, then the worst case."""
+    lines = [f"{data['model']['name']} on {data['data']['dataset']} ({data['data']['n_examples']} examples), "
+             f"{data['threat_model']['norm']} eps={data['threat_model']['eps_text']}",
+             f"{'attack':24s} {'accuracy':>9s} {'seconds':>9s}"]
+    for name, a in data['attacks'].items():
+        lines.append(f"{name:24s} {100 * a['accuracy']:8.2f}% {a['seconds']:9.1f}")
+    if data['robust_accuracy'] is not None:
+        lines.append(f"{'worst case':24s} {100 * data['robust_accuracy']:8.2f}%")
+    reported = data.get('robustbench_reported')
+    if reported:
+        lines.append(f"RobustBench ({data['model']['robustbench_id']}): clean {reported.get('clean_acc')}%, "
+                     f"AutoAttack {reported.get('autoattack_acc')}%")
+    return '\n'.join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from robust_resnets.evaluation import evaluate
+    from robust_resnets.evaluation.results import parse_eps, result_to_dict, write_json
+    from robust_resnets.evaluation.sources import load_dataset, load_model, weights_entry
+
+    entry = weights_entry(args.model)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    eps = parse_eps(args.eps) if args.eps is not None else (
+        entry.eps_value if entry is not None and entry.eps_value is not None else
+        (4 / 255 if args.dataset == 'imagenet' else 8 / 255))
+    norm = args.norm or (entry.threat_model if entry is not None and entry.threat_model else 'Linf')
+    step_size = parse_eps(args.step_size) if args.step_size is not None else None
+    if args.checkpoint is not None and args.random_init:
+        raise ValueError('--checkpoint and --random-init exclude each other.')
+
+    model = load_model(args.model, dataset=args.dataset, checkpoint=args.checkpoint, random_init=args.random_init,
+                       device=device)
+    images, labels, preprocessing = load_dataset(args.dataset, data_dir=args.data_dir, n_examples=args.n_examples,
+                                                 model=model, imagenet_subset=args.imagenet_subset,
+                                                 download=args.download)
+    state = args.state or (f'{args.out}.state.json' if args.out else None)
+    result = evaluate(model, images, labels, attacks=args.attacks, eps=eps, norm=norm, step_size=step_size,
+                      batch_size=args.batch_size, device=device, seed=args.seed, state_path=state,
+                      progress=not args.quiet, allow_train_mode=args.allow_train_mode,
+                      allow_randomized=args.allow_randomized, check_masking=not args.no_masking_check)
+    arch, _, tag = args.model.partition('.')
+    data = result_to_dict(result, model=args.model, dataset=args.dataset, architecture=arch, tag=tag or None,
+                          checkpoint=args.checkpoint, data_source=str(args.data_dir), preprocessing=preprocessing,
+                          robustbench_id=args.robustbench_id,
+                          extra={'random_init': True} if args.random_init else None)
+    print(format_table(data))
+    if args.out:
+        write_json(data, args.out)
+        if state and Path(state).exists():
+            Path(state).unlink()  # finished: the progress file is no longer needed
+        print(f'wrote {args.out}', file=sys.stderr)
+    return 0

@@ -1,0 +1,30 @@
+"""``robust-resnets leaderboard``: a Markdown or HTML table from results files, beside RobustBench's numbers."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        'leaderboard', help='render results JSON files as a Markdown/HTML leaderboard',
+        description='Render results files written by `robust-resnets eval --out` as one table, with the clean and '
+                    'AutoAttack accuracy RobustBench reports for the same models.')
+    parser.add_argument('results', nargs='+', help='results JSON files')
+    parser.add_argument('--format', choices=('markdown', 'html'), default=None,
+                        help='default: from --out (.html -> html), else markdown')
+    parser.add_argument('--out', default=None, help='file to write (default: print)')
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from robust_resnets.evaluation.leaderboard import leaderboard_rows, render_html, render_markdown
+    from robust_resnets.evaluation.results import write_text
+
+    fmt = args.format or ('html' if args.out and args.out.lower().endswith(('.html', '.htm')) else 'markdown')
+    rows = leaderboard_rows(args.results)
+    text = render_html(rows) if fmt == 'html' else render_markdown(rows)
+    if args.out is None:
+        print(text, end='')
+        return 0
+    write_text(text, args.out)
+    return 0

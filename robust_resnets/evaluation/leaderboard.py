@@ -1,0 +1,68 @@
+"""Leaderboards from results files: our measurements beside RobustBench's reported numbers."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Union
+
+from .results import read_results
+
+__all__ = ['leaderboard_rows', 'render_markdown', 'render_html']
+
+COLUMNS = ('model', 'dataset', 'threat model', 'n', 'clean', 'attacks', 'worst case', 'AutoAttack',
+           'RobustBench clean', 'RobustBench AA', 'delta AA')
+
+
+def _pct(x) -> str:
+    return '-' if x is None else f'{100 * x:.2f}'
+
+
+def leaderboard_rows(paths: Sequence[Union[str, Path]]) -> List[Dict[str, str]]:
+    """One row per results file, sorted by dataset, threat model, then worst-case accuracy (best first)."""
+    rows = []
+    for path in paths:
+        data = read_results(path)
+        aa = [a for a in data['attacks'].values()
+              if a['settings'].get('kind') == 'autoattack' and a['settings'].get('version') == 'standard']
+        others = ', '.join(f'{name} {_pct(a["accuracy"])}' for name, a in data['attacks'].items()
+                           if name != 'clean' and a['settings'].get('kind') != 'autoattack')
+        reported = data.get('robustbench_reported') or {}
+        rb_aa = float(reported['autoattack_acc']) if reported.get('autoattack_acc') else None
+        aa_acc = aa[0]['accuracy'] if aa else None
+        rows.append({
+            'model': data['model']['name'] + (' (random init)' if data.get('random_init') else ''),
+            'dataset': data['data']['dataset'],
+            'threat model': f"{data['threat_model']['norm']} {data['threat_model']['eps_text']}",
+            'n': str(data['data']['n_examples']),
+            'clean': _pct(data['clean_accuracy']),
+            'attacks': others or '-',
+            'worst case': _pct(data['robust_accuracy']),
+            'AutoAttack': _pct(aa_acc),
+            'RobustBench clean': reported.get('clean_acc') or '-',
+            'RobustBench AA': reported.get('autoattack_acc') or '-',
+            'delta AA': f'{100 * aa_acc - rb_aa:+.2f}' if aa_acc is not None and rb_aa is not None else '-',
+            '_sort': (data['data']['dataset'], data['threat_model']['norm'], -(data['robust_accuracy'] or 0.0)),
+        })
+    rows.sort(key=lambda r: r['_sort'])
+    for r in rows:
+        del r['_sort']
+    return rows
+
+
+def render_markdown(rows: List[Dict[str, Any]]) -> str:
+    """A Markdown table (accuracies in %; 'delta AA' is ours minus RobustBench's, in points)."""
+    lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '|'.join('---' for _ in COLUMNS) + '|']
+    lines += ['| ' + ' | '.join(r[c].replace('|', '\\|') for c in COLUMNS) + ' |' for r in rows]
+    return '\n'.join(lines) + '\n'
+
+
+def render_html(rows: List[Dict[str, Any]], *, title: str = 'robust-resnets leaderboard') -> str:
+    """A standalone HTML page with the same table."""
+    head = ''.join(f'<th>{html.escape(c)}</th>' for c in COLUMNS)
+    body = '\n'.join('<tr>' + ''.join(f'<td>{html.escape(r[c])}</td>' for c in COLUMNS) + '</tr>' for r in rows)
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+            '<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}'
+            'td:first-child{text-align:left}</style></head>\n'
+            f'<body><h1>{html.escape(title)}</h1>\n<p>Accuracies in %. RobustBench columns: the numbers RobustBench '
+            f'reports for the same model; delta AA = ours - RobustBench.</p>\n'
+            f'<table><thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody></table></body></html>\n')

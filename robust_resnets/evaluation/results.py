@@ -1,0 +1,201 @@
+"""Results files: our JSON schema for an evaluation, with a RobustBench ``model_info`` entry inside.
+
+A results file holds the model, data and threat model, every attack with its settings, accuracy
+and time, the per-example worst case, the run's environment, and under ``"robustbench"`` an entry in
+RobustBench's ``model_info`` format (its field names; accuracies as percent strings with two
+decimals, eps as RobustBench writes it, e.g. "8/255").
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import tempfile
+from fractions import Fraction
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from .evaluate import EvaluationResult
+
+__all__ = [
+    'SCHEMA', 'MODEL_INFO_FIELDS', 'result_to_dict', 'robustbench_model_info', 'write_json', 'write_text', 'read_results',
+    'reported_entries', 'find_reported', 'format_eps', 'parse_eps',
+]
+
+SCHEMA = 'robust-resnets/eval-result/1'
+#: RobustBench's ModelInfo fields (robustbench.utils.ModelInfo), in its order.
+MODEL_INFO_FIELDS = (
+    'link', 'name', 'authors', 'additional_data', 'number_forward_passes', 'dataset', 'venue', 'architecture',
+    'eps', 'clean_acc', 'reported', 'corruptions_acc', 'corruptions_acc_3d', 'corruptions_mce',
+    'corruptions_mce_3d', 'autoattack_acc', 'footnote',
+)
+
+
+def parse_eps(text: Union[str, float]) -> float:
+    """'8/255' -> 0.0313..., '0.5' -> 0.5."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"Bad eps '{text}'; give a number or a fraction such as 8/255.") from None
+
+
+def format_eps(eps: float) -> str:
+    """RobustBench's spelling: '8/255' when eps is k/255 for a whole k, else the number."""
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6 and round(k) > 0:
+        return f'{round(k)}/255'
+    return f'{eps:g}'
+
+
+def _pct(x: Optional[float]) -> Optional[str]:
+    return None if x is None else f'{100 * x:.2f}'
+
+
+@lru_cache(maxsize=None)
+def _reported() -> Dict[str, Any]:
+    return json.loads(resources.files(__package__).joinpath('robustbench_reported.json').read_text())
+
+
+def reported_entries() -> List[Dict[str, Any]]:
+    """RobustBench's entries for the models this package ships: robustbench_id, dataset, threat_model, model_info."""
+    return list(_reported()['entries'])
+
+
+def find_reported(*, robustbench_id: Optional[str] = None, architecture: Optional[str] = None,
+                  dataset: Optional[str] = None, threat_model: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """RobustBench's entry by id, or the only one for a timm architecture on a dataset and threat model."""
+    entries = reported_entries()
+    if robustbench_id is not None:
+        ids = {robustbench_id}
+    elif architecture is not None:
+        ids = set(_reported()['architectures'].get(architecture, ()))
+    else:
+        return None
+    found = [e for e in entries if e['robustbench_id'] in ids
+             and (dataset is None or e['dataset'] == dataset) and (threat_model is None or e['threat_model'] == threat_model)]
+    return found[0] if len(found) == 1 else None
+
+
+def robustbench_model_info(result: EvaluationResult, *, dataset: str, architecture: str,
+                           robustbench_id: Optional[str] = None) -> Dict[str, Any]:
+    """A RobustBench ``model_info`` entry for this evaluation.
+
+    Paper fields (link, name, authors, venue, additional_data, reported) come from RobustBench's entry
+    for the same model when known; ``clean_acc`` and ``autoattack_acc`` are ours (``autoattack_acc``
+    only when AutoAttack standard ran).
+    """
+    known = find_reported(robustbench_id=robustbench_id, architecture=None if robustbench_id else architecture,
+                          dataset=dataset, threat_model=result.norm)
+    paper = dict(known['model_info']) if known else {}
+    aa = [r for r in result.attacks.values() if r.spec.kind == 'autoattack' and r.spec.version == 'standard']
+    info = {field: None for field in MODEL_INFO_FIELDS}
+    info.update({k: paper.get(k) for k in ('link', 'name', 'authors', 'additional_data', 'venue', 'reported',
+                                           'footnote')})
+    info.update(
+        number_forward_passes=1, dataset=dataset, architecture=paper.get('architecture', architecture),
+        eps=format_eps(result.eps), clean_acc=_pct(result.clean_accuracy),
+        autoattack_acc=_pct(aa[0].accuracy) if aa else None,
+    )
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: Dict[str, Optional[str]] = {'python': platform.python_version()}
+    for pkg in ('robust-resnets', 'torch', 'timm', 'pyautoattack'):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def result_to_dict(result: EvaluationResult, *, model: str, dataset: str, architecture: Optional[str] = None,
+                   tag: Optional[str] = None, checkpoint: Optional[str] = None, split: str = 'test',
+                   data_source: Optional[str] = None, preprocessing: Optional[Dict[str, Any]] = None,
+                   robustbench_id: Optional[str] = None, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Our results JSON for an evaluation (see the module docstring).
+
+    Args:
+        result: From :func:`robust_resnets.evaluation.evaluate`.
+        model: Model name as given (timm name with optional .tag).
+        dataset: 'cifar10', 'cifar100', 'imagenet' or another name.
+        architecture: timm architecture (default: model without its tag).
+        tag: Pretrained tag.
+        checkpoint: Local checkpoint file the weights came from.
+        split: Data split.
+        data_source: Where the data came from.
+        preprocessing: Resize/crop settings, for ImageNet.
+        robustbench_id: RobustBench's name for the model, for its reported numbers.
+        extra: More top-level fields.
+    """
+    architecture = architecture or model.split('.')[0]
+    known = find_reported(robustbench_id=robustbench_id, architecture=None if robustbench_id else architecture,
+                          dataset=dataset, threat_model=result.norm)
+    out: Dict[str, Any] = {
+        'schema': SCHEMA,
+        'model': {'name': model, 'architecture': architecture, 'tag': tag, 'checkpoint': checkpoint,
+                  'robustbench_id': known['robustbench_id'] if known else robustbench_id},
+        'data': {'dataset': dataset, 'split': split, 'n_examples': result.n_examples, 'source': data_source,
+                 'preprocessing': preprocessing},
+        'threat_model': {'norm': result.norm, 'eps': result.eps, 'eps_text': format_eps(result.eps)},
+        'clean_accuracy': result.clean_accuracy,
+        'robust_accuracy': result.robust_accuracy,
+        'attacks': {
+            name: {'accuracy': r.accuracy, 'settings': r.spec.settings(), 'seconds': round(r.seconds, 3),
+                   **({'components': r.components} if r.components else {})}
+            for name, r in result.attacks.items()},
+        'worst_case_correct': ''.join('1' if f else '0' for f in result.worst_case.tolist()),
+        'checks': {'unbounded_accuracy': result.unbounded_accuracy, 'warnings': list(result.warnings)},
+        'run': {'seed': result.seed, 'batch_size': result.batch_size, 'device': result.device,
+                'seconds': round(result.seconds, 3),
+                'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                'versions': _versions()},
+        'robustbench': robustbench_model_info(result, dataset=dataset, architecture=architecture,
+                                              robustbench_id=known['robustbench_id'] if known else robustbench_id),
+        'robustbench_reported': known['model_info'] if known else None,
+    }
+    if extra:
+        out.update(extra)
+    return out
+
+
+def write_text(text: str, path: Union[str, Path]) -> Path:
+    """Writes a text file atomically (a temporary file in the same folder, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(data: Dict[str, Any], path: Union[str, Path]) -> Path:
+    """Writes JSON atomically."""
+    return write_text(json.dumps(data, indent=2) + '\n', path)
+
+
+def read_results(path: Union[str, Path]) -> Dict[str, Any]:
+    """Reads a results file written by :func:`write_json`, checking its schema."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f'Results file {path} does not exist.') from None
+    except ValueError as e:
+        raise ValueError(f'{path} is not valid JSON ({e}).') from None
+    if not isinstance(data, dict) or data.get('schema') != SCHEMA:
+        raise ValueError(f"{path} is not a robust-resnets results file (expected schema '{SCHEMA}'); write one "
+                         f"with `robust-resnets eval ... --out {path.name}`.")
+    return data

@@ -1,0 +1,114 @@
+"""The model and the data of an evaluation, from names: what ``robust-resnets eval`` and the benchmarks load."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = ['DATASETS', 'load_model', 'load_dataset', 'weights_entry']
+
+#: dataset -> number of classes
+DATASETS = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
+
+
+def weights_entry(name: str):
+    """The weights manifest's entry for ``arch.tag``, or None (no tag, or a tag the manifest does not list)."""
+    if '.' not in name:
+        return None
+    from robust_resnets.weights import get_manifest
+
+    return get_manifest().get(name)
+
+
+def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = None, random_init: bool = False,
+               device: Union[str, torch.device] = 'cpu') -> nn.Module:
+    """Builds a timm model in eval mode with its weights.
+
+    Args:
+        name: timm model name, optionally with a pretrained tag (``robust_resnet_a1.cifar10_trades``).
+        dataset: Dataset it is evaluated on; sets the classifier size of a model built without a tag.
+        checkpoint: Local safetensors/.pt file (ours or an author's layout, mapped by the family's
+            ``checkpoint_filter_fn``), instead of the published weights.
+        random_init: Keep the random initialisation (for testing a pipeline).
+        device: Where the model goes.
+
+    Raises:
+        ValueError: Unknown model or dataset; no weights to load and ``random_init`` not set.
+        RuntimeError: The weights do not fit the model.
+    """
+    import timm
+
+    import robust_resnets  # noqa: F401  (registers the models)
+
+    if dataset not in DATASETS:
+        raise ValueError(f"Unknown dataset '{dataset}'; use one of {sorted(DATASETS)}.")
+    arch = name.split('.', 1)[0]
+    if not timm.is_model(arch):
+        raise ValueError(f"Unknown model '{arch}'. `robust-resnets models` lists ours; any timm model name works too.")
+    entry = weights_entry(name)
+    if entry is not None:
+        from robust_resnets.weights import register_manifest
+
+        register_manifest()  # makes the manifest's tags known to timm
+    kwargs: Dict[str, Any] = dict(entry.model_args) if entry is not None else {}
+    if checkpoint is not None or random_init:
+        num_classes = entry.num_classes if entry is not None else DATASETS[dataset]
+        model = timm.create_model(name if entry is not None else arch, pretrained=False, num_classes=num_classes,
+                                  **kwargs)
+        if checkpoint is not None:
+            _load_checkpoint(model, arch, Path(checkpoint))
+    else:
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except RuntimeError as e:  # timm: invalid pretrained tag
+            raise ValueError(f'{e} `robust-resnets models` and timm.list_pretrained() list the tags.') from None
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+            raise ValueError(f"'{name}' has no pretrained weights to load. Name a published tag, pass "
+                             f"--checkpoint FILE, or --random-init to test the pipeline.")
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    if model.num_classes != DATASETS[dataset]:
+        raise ValueError(f'{name} has {model.num_classes} outputs but {dataset} has {DATASETS[dataset]} classes; '
+                         f'check --dataset or the tag.')
+    return model.to(device).eval()
+
+
+def _load_checkpoint(model: nn.Module, arch: str, path: Path) -> None:
+    from robust_resnets.weights.convert import family_module, load_original_checkpoint
+
+    raw = load_original_checkpoint(path)
+    try:
+        filter_fn = family_module(arch).checkpoint_filter_fn
+    except ValueError:  # a plain timm model: its own state dict layout
+        filter_fn = None
+    state_dict = filter_fn(raw, model) if filter_fn is not None else raw.get('state_dict', raw)
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f'{path} does not fit {arch}: missing keys {result.missing_keys[:5]}, unexpected keys '
+                           f'{result.unexpected_keys[:5]}. Check the model name and the checkpoint.')
+
+
+def load_dataset(dataset: str, *, data_dir: Union[str, Path], n_examples: Optional[int] = None,
+                 model: Optional[nn.Module] = None, imagenet_subset: str = 'robustbench',
+                 resolution: Optional[int] = None, download: bool = False) -> Tuple[Tensor, Tensor, Optional[Dict[str, Any]]]:
+    """Returns ``(uint8 images, labels, preprocessing settings or None)``: the first ``n_examples`` test images.
+
+    ImageNet images are preprocessed as the model's pretrained cfg says (input size, crop_pct,
+    interpolation), RobustBench's way; ``resolution`` overrides the input size.
+    """
+    from robust_resnets.data import load_cifar_tensors, load_imagenet_tensors
+
+    if n_examples is not None and n_examples < 1:
+        raise ValueError(f'n_examples must be positive, got {n_examples}.')
+    if dataset in ('cifar10', 'cifar100'):
+        images, labels = load_cifar_tensors(root=data_dir, dataset=dataset, split='test', download=download)
+        return images[:n_examples], labels[:n_examples], None
+    if dataset == 'imagenet':
+        cfg = getattr(model, 'pretrained_cfg', None) or {}
+        prep = {'resolution': int(resolution or cfg.get('input_size', (3, 224, 224))[-1]), 'crop_pct': float(cfg.get('crop_pct', 0.875)),
+                'interpolation': str(cfg.get('interpolation', 'bicubic')), 'subset': imagenet_subset}
+        images, labels = load_imagenet_tensors(root=data_dir, n_examples=n_examples or 5000, **prep)
+        return images, labels, prep
+    raise ValueError(f"Unknown dataset '{dataset}'; use one of {sorted(DATASETS)}.")

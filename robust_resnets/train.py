@@ -1,0 +1,27 @@
+"""DDP entry point: ``torchrun --nproc_per_node=N -m robust_resnets.train --config CONFIG --out RUN_DIR``.
+
+Takes the options of ``robust-resnets train``; each process trains its share of every global
+batch (NCCL on GPUs, gloo on CPUs). Multi-node runs use torchrun's ``--nnodes``/``--rdzv-*`` options.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from robust_resnets.cli.train import add_arguments, run
+
+    parser = argparse.ArgumentParser(prog='python -m robust_resnets.train', description=__doc__.split('\n')[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f'robust_resnets.train: error: {e}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Adversarial training: PGD-AT, TRADES, MART and SCORE recipes, single process or DDP under ``torchrun``.
+
+The loss functions (:mod:`.losses`) and the config (:mod:`.config`) import light; the loop
+(:func:`train`) loads timm and the data code when called.
+"""
+from .config import ConfigError, TrainConfig, list_builtin_configs, load_config
+from .losses import (
+    OBJECTIVES, Objective, clean_loss, get_objective, mart_attack_loss, mart_loss, pgd_at_attack_loss, pgd_at_loss,
+    score_attack_loss, score_loss, trades_attack_loss, trades_loss,
+)
+
+__all__ = [
+    'ConfigError', 'TrainConfig', 'load_config', 'list_builtin_configs', 'train',
+    'OBJECTIVES', 'Objective', 'get_objective', 'clean_loss', 'pgd_at_loss', 'pgd_at_attack_loss', 'trades_loss',
+    'trades_attack_loss', 'mart_loss', 'mart_attack_loss', 'score_loss', 'score_attack_loss',
+]
+
+
+def train(*args, **kwargs):
+    """Runs a training recipe; see :func:`robust_resnets.training.trainer.train`."""
+    from .trainer import train as _train
+    return _train(*args, **kwargs)

@@ -1,0 +1,528 @@
+"""Training configuration: nested dataclasses, YAML files (with ``base:`` inheritance) and ``key=value`` overrides.
+
+A config file mirrors :class:`TrainConfig`: one mapping per section (``model``, ``data``,
+``objective``, ``attack``, ``optim``, ``schedule``, ``ema``, ``eval``, ``run``). A file may name a
+``base:`` file (relative to itself) whose values it overrides. Unknown keys, wrong types and
+out-of-range values raise :class:`ConfigError` naming the key and the fix.
+
+Example::
+
+    cfg = load_config('rrn_a1_trades.yaml', overrides=['optim.lr=0.05', 'run.epochs=10'])
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import yaml
+
+__all__ = [
+    'ConfigError', 'ModelConfig', 'DataConfig', 'ObjectiveConfig', 'AttackConfig', 'OptimConfig',
+    'ScheduleConfig', 'EmaConfig', 'EvalConfig', 'RunConfig', 'TrainConfig', 'load_config', 'config_from_dict',
+    'config_to_dict', 'apply_overrides', 'list_builtin_configs', 'resolve_config_path', 'RUN_CONTROL_KEYS',
+]
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; the message names the key and how to fix it."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The network: any registered timm model name, its keyword arguments, optional pretrained weights.
+
+    Attributes:
+        name: Registered model name, e.g. 'robust_resnet_a1' or 'wrn_28_10_swish'.
+        kwargs: Extra keyword arguments for ``timm.create_model`` (e.g. ``activations: SiLU``).
+        num_classes: Classifier outputs; None takes the dataset's class count.
+        pretrained: Start from the model's registered pretrained weights (fine-tuning).
+        pretrained_file: Start from a local weights file instead (``.safetensors``/``.pth``).
+    """
+
+    name: str = 'preact_resnet'
+    kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_classes: Optional[int] = None
+    pretrained: bool = False
+    pretrained_file: Optional[str] = None
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Training data, held-out split, augmentation and generated-data mixing.
+
+    Attributes:
+        dataset: 'cifar10' or 'cifar100'.
+        root: Where :func:`robust_resnets.data.cifar.load_cifar_tensors` finds the data (torchvision
+            files, an ImageFolder tree, or the ``cifar10-jpeg.tar.gz`` archive).
+        holdout: Training images held out (a fixed random subset) for the per-epoch validation.
+        train_subset: Use only this many of the remaining training images (None: all).
+        generated: A ``.npz`` of extra images (``image``: N x 32 x 32 x 3 uint8, ``label``: N), e.g. the
+            1M DDPM sets, or the 500K TI ``.pickle`` (``data``, ``extrapolated_targets``).
+        generated_fraction: Fraction of every batch drawn (uniformly, with replacement) from ``generated``.
+        crop_padding: Random crop after zero padding by this many pixels (0 disables).
+        flip: Random horizontal flip.
+        rotation: Random rotation by up to this many degrees (20 in Huang et al.'s CIFAR-100 recipe).
+    """
+
+    dataset: str = 'cifar10'
+    root: Optional[str] = None
+    holdout: int = 1024
+    train_subset: Optional[int] = None
+    generated: Optional[str] = None
+    generated_fraction: float = 0.0
+    crop_padding: int = 4
+    flip: bool = True
+    rotation: float = 0.0
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    """The training objective and its hyper-parameters (see :mod:`robust_resnets.training.losses`).
+
+    Attributes:
+        name: 'clean', 'pgd_at' (alias 'sat'), 'trades', 'mart' or 'score'.
+        beta: Weight of the robust term (TRADES, MART, SCORE).
+        label_smoothing: Label smoothing of the (clean) cross-entropy / SCORE targets.
+        clip_value: SCORE's robust-term clip.
+        attack_bn: Batch-norm mode while the attack runs: 'eval' (running statistics; Huang et al.'s
+            100-epoch recipes, Madry/TRADES/MART code) or 'train' (batch statistics, running statistics
+            left untouched; the Gowal/Rebuffi-style recipes: Huang et al. "advanced", SCORE).
+        bn_update: Which forward passes of the outer loss update the running statistics: 'all' or
+            'adversarial' (the clean pass does not; Huang et al.'s ``--advnorm``).
+    """
+
+    name: str = 'trades'
+    beta: float = 6.0
+    label_smoothing: float = 0.0
+    clip_value: float = 0.0
+    attack_bn: str = 'eval'
+    bn_update: str = 'all'
+
+
+@dataclasses.dataclass
+class AttackConfig:
+    """The inner maximisation (PGD) used for training.
+
+    Attributes:
+        norm: 'Linf' or 'L2'.
+        eps: Radius of the ball, in [0, 1] pixel units.
+        step_size: PGD step size.
+        steps: PGD steps.
+        random_start: Start from a uniformly random point of the ball.
+    """
+
+    norm: str = 'Linf'
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """SGD.
+
+    Attributes:
+        lr: Peak learning rate.
+        momentum: Momentum (the one-cycle schedule cycles it between 0.85 and 0.95, as torch's OneCycleLR).
+        nesterov: Nesterov momentum.
+        weight_decay: L2 weight decay.
+        decay_norm_params: Apply weight decay to normalisation-layer parameters too; False puts them in a
+            no-decay group (the Gowal/Rebuffi-style recipes).
+        grad_clip: Clip the global gradient norm to this value (None: no clipping).
+    """
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    decay_norm_params: bool = True
+    grad_clip: Optional[float] = None
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    """Learning-rate schedule.
+
+    Attributes:
+        name: 'multistep', 'cosine', 'onecycle' or 'constant'.
+        interval: 'epoch' (update once per epoch, as the papers' code) or 'step'.
+        milestones: Epochs (may be fractional) at which 'multistep' multiplies the rate by ``gamma``.
+        gamma: Multi-step factor.
+        warmup_epochs: Linear warm-up from 0 for 'multistep', 'cosine' and 'constant'.
+        pct_start: Fraction of the run 'onecycle' spends rising (0.025 in the Gowal/Rebuffi recipes).
+    """
+
+    name: str = 'multistep'
+    interval: str = 'epoch'
+    milestones: List[float] = dataclasses.field(default_factory=lambda: [75, 90])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    pct_start: float = 0.025
+
+
+@dataclasses.dataclass
+class EmaConfig:
+    """Exponential moving average of the weights (Gowal et al.'s weight averaging).
+
+    Before ``warmup_epochs`` the average is a copy of the model; afterwards its decay is
+    ``min(decay, (1 + t) / (10 + t))`` with t the steps since the warm-up (``dynamic: false`` uses
+    ``decay`` directly). Normalisation statistics are copied from the model.
+
+    Attributes:
+        enabled: Keep an EMA and evaluate/export it.
+        decay: Decay (tau).
+        warmup_epochs: Epochs during which the EMA tracks the model exactly.
+        dynamic: Use the ``(1 + t) / (10 + t)`` ramp.
+    """
+
+    enabled: bool = False
+    decay: float = 0.995
+    warmup_epochs: float = 0.0
+    dynamic: bool = True
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Per-epoch evaluation on the held-out split.
+
+    Attributes:
+        split: 'holdout' (the ``data.holdout`` images) or 'test'.
+        max_examples: Evaluate at most this many examples (None: all).
+        batch_size: Global evaluation batch size.
+        pgd_steps: Steps of the PGD evaluation (0 skips it).
+        pgd_step_size: Its step size; eps and norm are the training attack's.
+        every: Evaluate every this many epochs (and always after the last).
+    """
+
+    split: str = 'holdout'
+    max_examples: Optional[int] = None
+    batch_size: int = 256
+    pgd_steps: int = 20
+    pgd_step_size: float = 2 / 255
+    every: int = 1
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """How the run executes.
+
+    Attributes:
+        epochs: Training epochs.
+        batch_size: Global batch size (split evenly over the DDP processes).
+        seed: Seed of everything random (data order, augmentation, attack starts, initialisation).
+        device: 'auto' (CUDA when available), 'cpu' or 'cuda'.
+        amp: bf16 autocast: 'auto' (on when running on CUDA), true or false.
+        channels_last: channels_last memory format: 'auto' (on CUDA), true or false.
+        compile: Wrap the model in ``torch.compile``.
+        bn_momentum: Batch-norm momentum after the first step (None: the model's). When set, the first
+            step uses momentum 1 (running statistics start from the first batch, as Haiku).
+        max_steps: Stop (with a checkpoint) after this many optimizer steps in all; resume later.
+        checkpoint_every: Also checkpoint every this many steps (epochs always end with one).
+        progress: Show a progress bar.
+        log_every: Steps between progress-bar postfix updates.
+    """
+
+    epochs: int = 100
+    batch_size: int = 128
+    seed: int = 0
+    device: str = 'auto'
+    amp: Union[bool, str] = 'auto'
+    channels_last: Union[bool, str] = 'auto'
+    compile: bool = False
+    bn_momentum: Optional[float] = None
+    max_steps: Optional[int] = None
+    checkpoint_every: Optional[int] = None
+    progress: bool = True
+    log_every: int = 10
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A complete training recipe."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    description: str = ''
+
+
+#: Keys that steer the execution of a run but not its result: a resumed run may change them.
+RUN_CONTROL_KEYS = ('run.max_steps', 'run.checkpoint_every', 'run.progress', 'run.log_every', 'description')
+
+_CHOICES = {
+    'data.dataset': ('cifar10', 'cifar100'),
+    'objective.attack_bn': ('eval', 'train'),
+    'objective.bn_update': ('all', 'adversarial'),
+    'attack.norm': ('Linf', 'L2'),
+    'schedule.name': ('multistep', 'cosine', 'onecycle', 'constant'),
+    'schedule.interval': ('epoch', 'step'),
+    'eval.split': ('holdout', 'test'),
+    'run.device': ('auto', 'cpu', 'cuda'),
+}
+_NON_NEGATIVE = ('data.holdout', 'data.crop_padding', 'data.rotation', 'objective.beta', 'objective.clip_value',
+                 'attack.eps', 'attack.step_size', 'attack.steps', 'optim.weight_decay', 'optim.momentum',
+                 'schedule.warmup_epochs', 'ema.warmup_epochs', 'eval.pgd_steps', 'eval.pgd_step_size')
+_POSITIVE = ('optim.lr', 'run.epochs', 'run.batch_size', 'eval.batch_size', 'eval.every', 'run.log_every')
+
+
+def _type_hints(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` (ints become floats where floats are expected)."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"'{key}' must be {_describe(tp)}, got {value!r}.")
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}.")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f'{key}[{i}]') for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}.")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"'{key}' must be a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"'{key}' must be a string, got {value!r}.")
+    raise ConfigError(f"'{key}' has an unsupported type {tp}.")
+
+
+def _unknown_key(key: str, valid: Sequence[str]) -> ConfigError:
+    leaf = key.rsplit('.', 1)[-1]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" if close else ''
+    return ConfigError(f"Unknown config key '{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}.")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = _type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f'{prefix}{name}'
+        if name not in fields:
+            raise _unknown_key(key, list(fields))
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"'{key}' must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}"
+                                  f", got {value!r}.")
+            kwargs[name] = _build(tp, value, f'{key}.')
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    flat = _flatten(config_to_dict(cfg))
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"'{key}' is {flat[key]!r}; use one of {', '.join(map(repr, choices))}.")
+    for key in _NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"'{key}' must be >= 0, got {flat[key]}.")
+    for key in _POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"'{key}' must be > 0, got {flat[key]}.")
+    for key in ('run.amp', 'run.channels_last'):
+        if flat[key] not in (True, False, 'auto'):
+            raise ConfigError(f"'{key}' must be true, false or 'auto', got {flat[key]!r}.")
+    if not 0.0 <= cfg.data.generated_fraction < 1.0:
+        raise ConfigError(f"'data.generated_fraction' must be in [0, 1), got {cfg.data.generated_fraction}.")
+    if cfg.data.generated_fraction > 0 and not cfg.data.generated:
+        raise ConfigError("'data.generated_fraction' > 0 needs 'data.generated' (path of the .npz of extra images).")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise ConfigError(f"'ema.decay' must be in [0, 1), got {cfg.ema.decay}.")
+    if not 0.0 < cfg.schedule.pct_start < 1.0:
+        raise ConfigError(f"'schedule.pct_start' must be in (0, 1), got {cfg.schedule.pct_start}.")
+    if cfg.run.bn_momentum is not None and not 0.0 < cfg.run.bn_momentum <= 1.0:
+        raise ConfigError(f"'run.bn_momentum' must be in (0, 1], got {cfg.run.bn_momentum}.")
+    for key in ('run.max_steps', 'run.checkpoint_every', 'data.train_subset', 'eval.max_examples'):
+        if flat[key] is not None and flat[key] <= 0:
+            raise ConfigError(f"'{key}' must be a positive integer or null, got {flat[key]}.")
+    from .losses import get_objective
+    try:
+        objective = get_objective(cfg.objective.name)
+    except ValueError as e:
+        raise ConfigError(f"'objective.name': {e}") from None
+    if objective.adversarial and cfg.attack.steps == 0 and not cfg.attack.random_start:
+        raise ConfigError(f"objective '{objective.name}' needs an attack: set 'attack.steps' > 0.")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and f'{prefix}{k}' not in ('model.kwargs',):
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v
+    return out
+
+
+def _merge(base: Dict[str, Any], override: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k != 'kwargs':
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
+    """Builds and validates a :class:`TrainConfig` from nested mappings (missing keys take defaults)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f'A training config must be a mapping of sections, got {type(values).__name__}.')
+    cfg = _build(TrainConfig, values, '')
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> Dict[str, Any]:
+    """The config as plain nested dicts (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(item: str) -> tuple:
+    if '=' not in item:
+        raise ConfigError(f"Override '{item}' is not key=value; write e.g. --set optim.lr=0.05.")
+    key, raw = item.split('=', 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"Override '{item}' has an empty key; write e.g. --set optim.lr=0.05.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Override '{item}': the value is not valid YAML ({e}).") from None
+    return key, value
+
+
+def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Applies ``section.key=value`` overrides (values parsed as YAML) to nested config mappings.
+
+    Keys are checked against :class:`TrainConfig`; ``model.kwargs.<name>=value`` sets a model argument.
+    """
+    values = _merge({}, values)
+    for item in overrides:
+        key, value = _parse_override(item)
+        parts = key.split('.')
+        cls: Any = TrainConfig
+        node = values
+        for i, part in enumerate(parts):
+            path = '.'.join(parts[:i + 1])
+            if cls is None:  # inside model.kwargs: free-form
+                pass
+            else:
+                names = [f.name for f in dataclasses.fields(cls)]
+                if part not in names:
+                    raise _unknown_key(path, names)
+            last = i == len(parts) - 1
+            if last:
+                node[part] = value
+                break
+            if cls is not None:
+                tp = _type_hints(cls)[part]
+                cls = tp if dataclasses.is_dataclass(tp) else None
+                if cls is None and path != 'model.kwargs':
+                    raise ConfigError(f"'{path}' is a value, not a section; write --set {path}=VALUE.")
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+                if not isinstance(child, dict):
+                    raise ConfigError(f"'{path}' is not a mapping; cannot set '{key}'.")
+            node[part] = dict(child)
+            node = node[part]
+    return values
+
+
+def list_builtin_configs() -> List[str]:
+    """Names of the recipes shipped in ``robust_resnets/training/configs`` (without '.yaml')."""
+    root = importlib.resources.files('robust_resnets.training') / 'configs'
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith('.yaml') and not p.name.startswith('_'))
+
+
+def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
+    """A config file path, or the name of a shipped recipe ('rrn_a1_trades' or 'rrn_a1_trades.yaml')."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix in ('.yaml', '.yml') else f'{path.name}.yaml'
+    builtin = Path(str(importlib.resources.files('robust_resnets.training') / 'configs' / name))
+    if len(path.parts) == 1 and builtin.is_file():
+        return builtin
+    raise FileNotFoundError(f"Config '{name_or_path}' is neither a file nor a shipped recipe. Shipped recipes: "
+                            f"{', '.join(list_builtin_configs())}.")
+
+
+def _load_yaml_tree(path: Path, seen: tuple = ()) -> Dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"Config '{path}' inherits from itself through 'base:'.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config '{path}' is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"Config '{path}' must be a mapping of sections (model, data, objective, ...).")
+    base = values.pop('base', None)
+    if base is not None:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise FileNotFoundError(f"Config '{path}' names base '{base}', but '{base_path}' does not exist.")
+        values = _merge(_load_yaml_tree(base_path, seen + (path,)), values)
+    return values
+
+
+def load_config(path: Union[str, Path], *, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Loads a YAML recipe (a path or a shipped recipe name), applies ``key=value`` overrides, validates it.
+
+    Raises:
+        FileNotFoundError: The file (or a ``base:`` it names) does not exist.
+        ConfigError: An unknown key, a wrong type or an invalid value.
+    """
+    values = _load_yaml_tree(resolve_config_path(path))
+    return config_from_dict(apply_overrides(values, overrides))

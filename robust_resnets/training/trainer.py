@@ -1,0 +1,625 @@
+"""The adversarial-training loop: one process, or DDP when launched by ``torchrun``.
+
+:func:`train` runs a :class:`~robust_resnets.training.config.TrainConfig` into a run directory::
+
+    RUN_DIR/
+      train_config.yaml    the resolved recipe
+      metrics.jsonl        one JSON line per epoch (loss, train accuracies, held-out clean and PGD accuracy)
+      last.pt              full training state (atomic; what --resume continues from)
+      best.pt              weights with the best held-out PGD accuracy
+      model.safetensors    final weights (the EMA when enabled) and
+      config.json          its timm config, for timm.create_model(..., pretrained_cfg_overlay=dict(file=...))
+
+Under ``torchrun`` every process trains its slice of each global batch (gloo on CPU, NCCL on GPU);
+all random choices derive from ``(seed, step)``, so a resumed run, or a run on another number of
+processes, sees the same batches, augmentations and attack starts.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from torch import Tensor
+
+from timm.utils import ModelEmaV3
+
+from .config import RUN_CONTROL_KEYS, ConfigError, TrainConfig, _flatten, config_from_dict, config_to_dict
+from .data import (BatchPlan, TrainingData, _EVAL, augment, derive_seed, gather_batch, load_training_data)
+from .losses import Objective, get_objective
+
+__all__ = ['train', 'TrainingDiverged', 'WeightAverage', 'build_optimizer', 'build_scheduler', 'evaluate']
+
+CHECKPOINT_VERSION = 1
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; the run directory keeps its last good checkpoint."""
+
+
+# --- distributed ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device('cpu')
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _setup_distributed(device_choice: str) -> _Dist:
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    use_cuda = torch.cuda.is_available() if device_choice == 'auto' else device_choice == 'cuda'
+    if device_choice == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError("run.device is 'cuda' but no CUDA device is available; use --set run.device=cpu.")
+    if world_size <= 1:
+        return _Dist(device=torch.device('cuda' if use_cuda else 'cpu'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+        owns = True
+    device = torch.device('cpu')
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device('cuda', local_rank)
+    return _Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device, owns_group=owns)
+
+
+def _all_reduce(t: Tensor, d: _Dist, op=None) -> Tensor:
+    if d.enabled:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def _broadcast_object(obj: Any, d: _Dist) -> Any:
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- model, optimiser, schedule, averaging -------------------------------------------------------------
+def _create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    import timm
+
+    import robust_resnets  # noqa: F401  (registers the models)
+
+    kwargs = dict(cfg.model.kwargs)
+    kwargs['num_classes'] = cfg.model.num_classes or num_classes
+    pretrained = cfg.model.pretrained or cfg.model.pretrained_file is not None
+    if cfg.model.pretrained_file is not None:
+        if not Path(cfg.model.pretrained_file).is_file():
+            raise FileNotFoundError(f"model.pretrained_file '{cfg.model.pretrained_file}' does not exist.")
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(cfg.model.pretrained_file))
+    try:
+        return timm.create_model(cfg.model.name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise ValueError(f"model.name '{cfg.model.name}' is not a registered model; list them with "
+                             f"`robust-resnets models`.") from None
+        raise
+
+
+def _is_norm_param_owner(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.lower().endswith('norm2d')
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD over the model's parameters; normalisation parameters skip weight decay unless
+    ``optim.decay_norm_params``."""
+    o = cfg.optim
+    norm_params = set()
+    if not o.decay_norm_params:
+        for module in model.modules():
+            if _is_norm_param_owner(module):
+                norm_params.update(id(p) for p in module.parameters(recurse=False))
+    decay = [p for p in model.parameters() if p.requires_grad and id(p) not in norm_params]
+    no_decay = [p for p in model.parameters() if p.requires_grad and id(p) in norm_params]
+    groups = [dict(params=decay, weight_decay=o.weight_decay)]
+    if no_decay:
+        groups.append(dict(params=no_decay, weight_decay=0.0))
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, steps_per_epoch: int):
+    """The learning-rate schedule, stepped once per epoch or per step (``schedule.interval``)."""
+    s = cfg.schedule
+    per_epoch = 1 if s.interval == 'epoch' else steps_per_epoch
+    total = cfg.run.epochs * per_epoch
+    if s.name == 'onecycle':
+        # as torch's OneCycleLR (and the Gowal/Rebuffi/SCORE code): cosine, momentum cycled 0.95 -> 0.85 -> 0.95
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=total,
+                                                   pct_start=s.pct_start)
+    warmup = s.warmup_epochs * per_epoch
+    milestones = [m * per_epoch for m in s.milestones]
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        if s.name == 'multistep':
+            return s.gamma ** sum(t >= m for m in milestones)
+        if s.name == 'cosine':
+            return 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(total - warmup, 1)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class WeightAverage(ModelEmaV3):
+    """Gowal et al.'s weight averaging (timm's ``ModelEmaV3`` with their decay schedule).
+
+    Up to ``warmup_steps`` updates the average copies the model; then its decay is
+    ``min(decay, (1 + t) / (10 + t))`` (t: updates since the warm-up) or ``decay`` when not
+    ``dynamic``. Buffers (normalisation statistics) are copied from the model.
+    """
+
+    def __init__(self, model: nn.Module, *, decay: float, warmup_steps: int, dynamic: bool = True) -> None:
+        super().__init__(model, decay=decay, exclude_buffers=True)
+        self.warmup_steps = warmup_steps
+        self.dynamic = dynamic
+
+    def get_decay(self, step: Optional[int] = None) -> float:
+        if step is None:
+            return self.decay
+        if step < self.warmup_steps:
+            return 0.0
+        if not self.dynamic:
+            return self.decay
+        t = step - self.warmup_steps
+        return min(self.decay, (1.0 + t) / (10.0 + t))
+
+
+# --- batch-norm and parameter contexts -----------------------------------------------------------------
+def _batch_norms(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Train-mode batch norm normalises with batch statistics but leaves the running ones untouched."""
+    bns = [(m, m.track_running_stats) for m in _batch_norms(model)]
+    for m, _ in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, flag in bns:
+            m.track_running_stats = flag
+
+
+@contextlib.contextmanager
+def _attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
+    """Parameters frozen; eval mode (bn_mode 'eval') or train mode with frozen BN statistics ('train')."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        if bn_mode == 'eval':
+            model.eval()
+            yield
+        else:
+            model.train()
+            with _frozen_bn_stats(model):
+                yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, cfg: TrainConfig, device: torch.device,
+             amp: bool = False, channels_last: bool = False, rank: int = 0, world_size: int = 1) -> Dict[str, float]:
+    """Clean and PGD accuracy (the training threat model, ``eval.pgd_steps`` steps) of ``model`` in eval mode.
+
+    Under DDP each rank evaluates a contiguous share and the counts are summed.
+    """
+    from robust_resnets.attacks.pgd import pgd_attack
+
+    n = images.shape[0] if cfg.eval.max_examples is None else min(cfg.eval.max_examples, images.shape[0])
+    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    bs = max(cfg.eval.batch_size // world_size, 1)
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # clean correct, pgd correct, total
+    was_training = model.training
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        for start in range(lo, hi, bs):
+            stop = min(start + bs, hi)
+            x = images[start:stop].to(device).float().div_(255)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = labels[start:stop].to(device)
+            with torch.no_grad(), _autocast(device, amp):
+                counts[0] += (model(x).argmax(1) == y).sum()
+            if cfg.eval.pgd_steps > 0:
+                seeds = torch.tensor([derive_seed(cfg.run.seed, _EVAL, i) for i in range(start, stop)])
+                with _autocast(device, amp):
+                    x_adv = pgd_attack(model, x, y, eps=cfg.attack.eps, steps=cfg.eval.pgd_steps,
+                                       step_size=cfg.eval.pgd_step_size, norm=cfg.attack.norm, loss_fn='ce',
+                                       random_start=True, example_seeds=seeds)
+                    with torch.no_grad():
+                        counts[1] += (model(x_adv).argmax(1) == y).sum()
+            counts[2] += stop - start
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    total = max(counts[2].item(), 1.0)
+    out = {'val_clean_acc': counts[0].item() / total}
+    if cfg.eval.pgd_steps > 0:
+        out['val_pgd_acc'] = counts[1].item() / total
+    return out
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    state = {'torch': torch.get_rng_state()}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state['torch'])
+    if device.type == 'cuda' and 'cuda' in state:
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, Any]) -> None:
+    """Writes ``model.safetensors`` and timm's ``config.json`` into the run directory (each atomically)."""
+    from timm.models._hub import save_for_hf
+
+    model_args = {k: v for k, v in cfg.model.kwargs.items()}
+    training = {'recipe': cfg.description, 'objective': cfg.objective.name, 'epochs': cfg.run.epochs,
+                'threat_model': {'norm': cfg.attack.norm, 'eps': cfg.attack.eps},
+                'dataset': cfg.data.dataset, 'ema': cfg.ema.enabled, **extra}
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix='.export-') as tmp:
+        save_for_hf(model, tmp, model_config={'training': training}, model_args=model_args,
+                    safe_serialization=True)
+        for name in ('model.safetensors', 'config.json'):
+            os.replace(Path(tmp) / name, run_dir / name)
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+def _resolve_flag(value: Union[bool, str], device: torch.device) -> bool:
+    return device.type == 'cuda' if value == 'auto' else bool(value)
+
+
+def _load_checkpoint(path: Path) -> Dict[str, Any]:
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    if ckpt.get('format_version') != CHECKPOINT_VERSION:
+        raise ValueError(f"'{path}' was written by an incompatible trainer version "
+                         f"({ckpt.get('format_version')}, expected {CHECKPOINT_VERSION}).")
+    return ckpt
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> Optional[Dict[str, Any]]:
+    """Validates (and for a new run, creates) the run directory; returns the checkpoint to resume from."""
+    last = run_dir / 'last.pt'
+    if resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"Nothing to resume in '{run_dir}': it has no last.pt. Start the run without "
+                                    f"--resume.")
+        ckpt = _load_checkpoint(last)
+        saved = _flatten(ckpt['config'])
+        now = _flatten(config_to_dict(cfg))
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RUN_CONTROL_KEYS)
+        if changed:
+            raise ConfigError(f"The config differs from the one '{run_dir}' was started with, in: "
+                              f"{', '.join(changed)}. Resume with the run's own train_config.yaml (only "
+                              f"{', '.join(RUN_CONTROL_KEYS)} may change).")
+        return ckpt
+    if last.exists() or (run_dir / 'train_config.yaml').exists():
+        raise FileExistsError(f"'{run_dir}' already holds a run; pass --resume to continue it, or choose a new --out.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(run_dir / 'train_config.yaml', yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return None
+
+
+def _hyper(cfg: TrainConfig, objective: Objective) -> Dict[str, float]:
+    return {name: getattr(cfg.objective, name) for name in objective.hyper_params}
+
+
+def train(cfg: TrainConfig, out_dir: Union[str, Path], *, resume: bool = False,
+          data: Optional[TrainingData] = None) -> Dict[str, Any]:
+    """Runs (or resumes) a training recipe into ``out_dir``.
+
+    Args:
+        cfg: The recipe.
+        out_dir: Run directory (created; must not hold another run unless ``resume``).
+        resume: Continue the run in ``out_dir`` from its ``last.pt``.
+        data: In-memory data to use instead of loading ``cfg.data`` (for programmatic use and tests).
+
+    Returns:
+        A summary: 'status' ('finished' or 'stopped' at ``run.max_steps``), 'step', 'epoch' and the
+        last evaluation's metrics.
+
+    Raises:
+        TrainingDiverged: The loss became non-finite (the last good checkpoint is kept).
+        ConfigError, FileNotFoundError, FileExistsError, ValueError: Bad config, data or run directory.
+    """
+    d = _setup_distributed(cfg.run.device)
+    try:
+        return _train(cfg, Path(out_dir), resume, data, d)
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[TrainingData], d: _Dist) -> Dict[str, Any]:
+    from robust_resnets.attacks.pgd import pgd_attack
+
+    config_from_dict(config_to_dict(cfg))  # validate programmatic configs too
+    if cfg.run.batch_size % d.world_size:
+        raise ConfigError(f'run.batch_size ({cfg.run.batch_size}) must divide evenly over {d.world_size} processes.')
+    # rank 0 checks and creates the run directory (which all processes must see) and tells the others
+    ckpt, error = None, None
+    if d.main:
+        try:
+            ckpt = _prepare_run_dir(cfg, run_dir, resume)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            error = e
+    error = _broadcast_object(error, d)
+    if error is not None:
+        raise error
+    if resume and not d.main:
+        ckpt = _load_checkpoint(run_dir / 'last.pt')
+    device = d.device
+    amp = _resolve_flag(cfg.run.amp, device)
+    channels_last = _resolve_flag(cfg.run.channels_last, device)
+    objective = get_objective(cfg.objective.name)
+    hyper = _hyper(cfg, objective)
+
+    if data is None:
+        data = load_training_data(cfg.data, cfg.eval)
+    if cfg.data.generated_fraction > 0 and data.generated_images is None:
+        raise ValueError('data.generated_fraction > 0 but the data has no generated images.')
+    if device.type == 'cuda':  # the training set lives on the GPU; generated data stays in host memory
+        data = dataclasses.replace(data, train_images=data.train_images.to(device),
+                                   train_labels=data.train_labels.to(device))
+    plan = BatchPlan(n_train=data.train_images.shape[0],
+                     n_generated=0 if data.generated_images is None else data.generated_images.shape[0],
+                     batch_size=cfg.run.batch_size, generated_fraction=cfg.data.generated_fraction,
+                     seed=cfg.run.seed, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
+                     rotation=cfg.data.rotation)
+    spe = plan.steps_per_epoch
+    total_steps = cfg.run.epochs * spe
+
+    torch.manual_seed(cfg.run.seed)
+    raw = _create_model(cfg, data.num_classes).to(device)
+    if channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(raw, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=spe)
+    ema = None
+    if cfg.ema.enabled:
+        ema = WeightAverage(raw, decay=cfg.ema.decay, warmup_steps=round(cfg.ema.warmup_epochs * spe),
+                            dynamic=cfg.ema.dynamic)
+
+    step, best, accum = 0, None, None
+    if ckpt is not None:
+        raw.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt['ema'])
+        step, best, accum = ckpt['step'], ckpt['best'], ckpt['accum']
+        _set_rng_state(ckpt['rng'], device)
+    ckpt_loaded = ckpt is not None
+    del ckpt
+    accum = accum if accum is not None else torch.zeros(5, dtype=torch.float64)
+    accum = accum.to(device)  # loss sum, steps, clean correct, adversarial correct, examples
+
+    net: nn.Module = raw
+    if d.enabled:
+        net = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == 'cuda' else None)
+    attack_net: nn.Module = raw
+    if cfg.run.compile:
+        net, attack_net = torch.compile(net), torch.compile(raw)
+    eval_model = ema.module if ema is not None else raw
+
+    metrics_path = run_dir / 'metrics.jsonl'
+
+    def log(record: Dict[str, Any]) -> None:
+        if d.main:
+            with metrics_path.open('a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    saved_at = [step if ckpt_loaded else None]
+
+    def save_checkpoint() -> None:
+        if not d.main:
+            return
+        _atomic_torch_save({
+            'format_version': CHECKPOINT_VERSION, 'config': config_to_dict(cfg), 'step': step,
+            'epoch': step // spe, 'model': raw.state_dict(), 'optimizer': optimizer.state_dict(),
+            'scheduler': scheduler.state_dict(), 'ema': ema.module.state_dict() if ema is not None else None,
+            'rng': _rng_state(device), 'best': best, 'accum': accum.cpu(),
+        }, run_dir / 'last.pt')
+        saved_at[0] = step
+
+    if d.main and step == 0:
+        log({'event': 'start', 'steps_per_epoch': spe, 'total_steps': total_steps, 'world_size': d.world_size,
+             'device': str(device), 'amp': amp, 'channels_last': channels_last,
+             'params': sum(p.numel() for p in raw.parameters())})
+    elif d.main:
+        log({'event': 'resume', 'step': step, 'epoch': step // spe})
+
+    progress = None
+    if d.main and cfg.run.progress:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=total_steps, initial=step, unit='step', dynamic_ncols=True,
+                        desc=f'epoch {step // spe + 1}/{cfg.run.epochs}')
+    bns = _batch_norms(raw)
+    last_eval: Dict[str, float] = {}
+    status = 'finished'
+    epoch_start = time.time()
+    raw.train()
+    try:
+        while step < total_steps:
+            if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
+                status = 'stopped'
+                break
+            epoch = step // spe
+            # every step's randomness derives from (seed, step, rank): resumes exactly from the step counter
+            torch.manual_seed(derive_seed(cfg.run.seed, step, d.rank))
+            if cfg.run.bn_momentum is not None:
+                for m in bns:
+                    m.momentum = 1.0 if step == 0 else cfg.run.bn_momentum
+            batch = plan.step(step, rank=d.rank, world_size=d.world_size)
+            images_u8, y = gather_batch(data, batch, device=device)
+            x = augment(images_u8, crop_offsets=batch.crop_offsets, crop_padding=cfg.data.crop_padding,
+                        flips=batch.flips, angles=batch.angles if cfg.data.rotation else None)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+
+            x_adv = None
+            if objective.adversarial:
+                with _attack_mode(raw, cfg.objective.attack_bn), _autocast(device, amp):
+                    target = y
+                    if objective.attack_target == 'clean_probs':
+                        with torch.no_grad():
+                            target = F.softmax(attack_net(x).float(), dim=1)
+                    x_adv = pgd_attack(attack_net, x, target, eps=cfg.attack.eps, steps=cfg.attack.steps,
+                                       step_size=cfg.attack.step_size, norm=cfg.attack.norm,
+                                       loss_fn=objective.attack_loss, random_start=cfg.attack.random_start,
+                                       example_seeds=batch.attack_seeds)
+            raw.train()
+            with _autocast(device, amp):
+                clean_logits = adv_logits = None
+                if objective.needs_clean_logits:
+                    freeze = objective.adversarial and cfg.objective.bn_update == 'adversarial'
+                    with _frozen_bn_stats(raw) if freeze else contextlib.nullcontext():
+                        clean_logits = net(x)
+                if objective.adversarial:
+                    adv_logits = net(x_adv)
+                loss = objective.loss(clean_logits, adv_logits, y, **hyper)
+
+            finite = torch.isfinite(loss.detach()).to(torch.int32)
+            if not bool(_all_reduce(finite, d, dist.ReduceOp.MIN if d.enabled else None).item()):
+                kept = f"the last good checkpoint is '{run_dir / 'last.pt'}' (step {saved_at[0]})" \
+                    if saved_at[0] is not None else 'no checkpoint was written yet'
+                log({'event': 'diverged', 'step': step, 'epoch': epoch})
+                raise TrainingDiverged(
+                    f'The training loss became non-finite at step {step} (epoch {epoch + 1}); {kept}. Lower '
+                    f'optim.lr, set optim.grad_clip, or disable run.amp, then start again or --resume.')
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip is not None:
+                nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            step += 1
+            if cfg.schedule.interval == 'step' and step < total_steps:
+                scheduler.step()
+            if ema is not None:
+                ema.update(raw, step=step)
+
+            with torch.no_grad():
+                accum[0] += loss.detach().double()
+                accum[1] += 1
+                if clean_logits is not None:
+                    accum[2] += (clean_logits.argmax(1) == y).sum()
+                if adv_logits is not None:
+                    accum[3] += (adv_logits.argmax(1) == y).sum()
+                accum[4] += y.numel()
+            if progress is not None:
+                progress.update(1)
+                if step % cfg.run.log_every == 0:
+                    progress.set_postfix(loss=f'{loss.item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.4g}")
+
+            if step % spe == 0:  # end of an epoch
+                epoch_done = step // spe
+                totals = _all_reduce(accum.clone(), d)
+                record: Dict[str, Any] = {
+                    'epoch': epoch_done, 'step': step, 'lr': optimizer.param_groups[0]['lr'],
+                    'train_loss': totals[0].item() / max(totals[1].item(), 1),
+                }
+                if cfg.schedule.interval == 'epoch' and step < total_steps:
+                    scheduler.step()
+                if objective.needs_clean_logits:
+                    record['train_clean_acc'] = totals[2].item() / max(totals[4].item(), 1)
+                if objective.adversarial:
+                    record['train_adv_acc'] = totals[3].item() / max(totals[4].item(), 1)
+                accum.zero_()
+                if epoch_done % cfg.eval.every == 0 or step == total_steps:
+                    last_eval = evaluate(eval_model, data.eval_images, data.eval_labels, cfg=cfg, device=device,
+                                         amp=amp, channels_last=channels_last, rank=d.rank, world_size=d.world_size)
+                    record.update(last_eval)
+                    score = last_eval.get('val_pgd_acc', last_eval['val_clean_acc'])
+                    if best is None or score > best['score']:
+                        best = {'score': score, 'epoch': epoch_done}
+                        if d.main:
+                            _atomic_torch_save({'model': eval_model.state_dict(), 'epoch': epoch_done,
+                                                'metrics': last_eval, 'config': config_to_dict(cfg)},
+                                               run_dir / 'best.pt')
+                record['epoch_time_s'] = round(time.time() - epoch_start, 3)
+                epoch_start = time.time()
+                log(record)
+                if progress is not None:
+                    progress.set_description(f'epoch {min(epoch_done + 1, cfg.run.epochs)}/{cfg.run.epochs}')
+                    progress.write(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                                            for k, v in record.items()))
+                save_checkpoint()
+            elif cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+                save_checkpoint()
+    finally:
+        if progress is not None:
+            progress.close()
+
+    if status == 'stopped':
+        if step % spe:  # the epoch-end checkpoint already holds this step otherwise
+            save_checkpoint()
+        log({'event': 'stopped', 'step': step, 'epoch': step / spe})
+    elif d.main:
+        _export(eval_model, cfg, run_dir, {'final_metrics': last_eval, 'best_epoch': (best or {}).get('epoch')})
+        log({'event': 'end', 'step': step, **last_eval})
+    if d.enabled:
+        dist.barrier()
+    return {'status': status, 'step': step, 'epoch': step / spe, 'steps_per_epoch': spe, **last_eval}

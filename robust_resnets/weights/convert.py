@@ -1,0 +1,282 @@
+"""Converting an original checkpoint into a publishable folder: model.safetensors, config.json, README.md.
+
+The original is opened safely (``torch.load(weights_only=True)`` or safetensors), its keys are mapped
+by the target family's ``checkpoint_filter_fn`` (layout detected by its ``detect_layout`` unless
+given), loaded strictly into the manifest entry's architecture, and the folder is written
+atomically (each file appears complete or not at all).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .hub import sha256_file
+from .manifest import PretrainedWeights, get_weights
+
+__all__ = ['ConversionResult', 'load_original_checkpoint', 'family_module', 'convert_checkpoint', 'model_card']
+
+OUTPUT_FILES = ('model.safetensors', 'config.json', 'README.md')
+_HUB_DATASETS = {'cifar10': ('cifar10', 'CIFAR-10'), 'cifar100': ('cifar100', 'CIFAR-100'),
+                 'svhn': ('svhn', 'SVHN'), 'imagenet': ('imagenet-1k', 'ImageNet-1k')}
+_METRIC_NAMES = {'clean': 'Clean accuracy', 'pgd20': 'PGD-20 robust accuracy', 'cw40': 'CW-40 robust accuracy',
+                 'autoattack': 'AutoAttack robust accuracy'}
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What :func:`convert_checkpoint` wrote."""
+
+    name: str
+    out_dir: Path
+    layout: str
+    sha256: str
+    size: int
+    entry: Dict[str, Any]  # the manifest entry with sha256, size and published filled in
+
+
+def load_original_checkpoint(path: os.PathLike) -> Dict[str, Any]:
+    """Opens a checkpoint without executing code: safetensors, or a pickle through ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: The pickle holds objects other than tensors and plain containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'Checkpoint {path} does not exist.')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device='cpu')
+    try:
+        obj = torch.load(str(path), map_location='cpu', weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        raise ValueError(
+            f'{path} cannot be opened with torch.load(weights_only=True): it pickles objects other than tensors '
+            f'({str(e).splitlines()[0][:200]}). Pickles can run code, so they are not unpickled fully here. In an '
+            f'environment you trust, re-save only its state dict, e.g. torch.save(torch.load(p, weights_only=False)'
+            f"['state_dict'], 'state_dict.pt'), and convert that.") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict or a dict wrapping one.')
+    return obj
+
+
+def family_module(arch: str) -> ModuleType:
+    """The module that registered ``arch``; it exposes ``checkpoint_filter_fn`` and ``detect_layout``."""
+    import timm
+
+    if not timm.is_model(arch):
+        raise ValueError(f"Architecture '{arch}' is not registered with timm (is its family implemented and imported "
+                         f'by robust_resnets.models?).')
+    module = sys.modules[timm.models.model_entrypoint(arch).__module__]
+    for fn in ('checkpoint_filter_fn', 'detect_layout'):
+        if not callable(getattr(module, fn, None)):
+            raise ValueError(f'{module.__name__} (family of {arch}) has no {fn}(); it cannot convert checkpoints.')
+    return module
+
+
+def _first_lines(keys: List[str], n: int = 8) -> str:
+    return ', '.join(keys[:n]) + (f' ... ({len(keys)} in all)' if len(keys) > n else '')
+
+
+def _detect_layout(module: ModuleType, raw: Dict[str, Any]) -> str:
+    """Names the checkpoint's layout for the record; the family's filter does its own unwrapping and detection."""
+    candidates = [raw] + [v for v in raw.values() if isinstance(v, dict)]
+    for sd in candidates:
+        keys = [k for k in sd if isinstance(k, str)]
+        for prefix in ('module.', 'model.', 'base_model.', '_orig_mod.'):
+            if keys and all(k.startswith(prefix) for k in keys):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+        try:
+            return module.detect_layout(sd)
+        except (ValueError, KeyError, AttributeError, TypeError):
+            continue
+    return 'auto'
+
+
+def _map_and_load(raw: Dict[str, Any], weights: PretrainedWeights,
+                  layout: Optional[str]) -> Tuple[torch.nn.Module, str]:
+    import timm
+
+    module = family_module(weights.architecture)
+    model = timm.create_model(weights.architecture, pretrained=False, num_classes=weights.num_classes,
+                              **weights.model_args)
+    detected = layout or _detect_layout(module, raw)
+    state_dict = module.checkpoint_filter_fn(raw, model, layout=layout)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f'missing keys: {_first_lines(missing)}')
+        if unexpected:
+            parts.append(f'unexpected keys: {_first_lines(unexpected)}')
+        if wrong:
+            parts.append('shape mismatches: ' + _first_lines(
+                [f'{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}' for k in wrong]))
+        raise RuntimeError(
+            f"The checkpoint does not fit {weights.name} ({weights.architecture}, {weights.num_classes} classes, "
+            f"model_args={dict(weights.model_args)}; layout {detected}): " + '; '.join(parts) +
+            '. Check that --to names the right architecture and dataset, or force the key layout with --layout.')
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval(), detected
+
+
+def model_card(weights: PretrainedWeights, *, sha256: str, source_sha256: str) -> str:
+    """The Hub model card (README.md): metadata block for the Hub, then usage and provenance."""
+    import yaml
+
+    hub_ds, ds_name = _HUB_DATASETS[weights.dataset]
+    rep = weights.reported
+    threat = f'{weights.threat_model} eps={weights.eps}' if weights.threat_model else 'none (clean model)'
+    meta: Dict[str, Any] = {
+        'tags': ['image-classification', 'timm', 'robust-resnets', 'adversarial-robustness'],
+        'library_name': 'timm',
+        'license': weights.license if weights.license != 'unknown' else 'other',
+        'datasets': [hub_ds],
+    }
+    metrics = [{'type': 'accuracy', 'name': f'{_METRIC_NAMES[k]}' + (f' ({threat})' if k != 'clean' else ''),
+                'value': rep[k]} for k in _METRIC_NAMES if rep.get(k) is not None]
+    if metrics:
+        meta['model-index'] = [{'name': weights.name, 'results': [{
+            'task': {'type': 'image-classification', 'name': 'Image Classification'},
+            'dataset': {'type': hub_ds, 'name': ds_name, 'split': 'test'},
+            'metrics': metrics,
+            'source': {'name': f"{weights.paper['title']} (reported)",
+                       'url': f"https://arxiv.org/abs/{weights.paper['arxiv']}"},
+        }]}]
+    rows = '\n'.join(f'| {_METRIC_NAMES[k]} | {rep[k] if rep.get(k) is not None else "not reported"} |'
+                     for k in _METRIC_NAMES)
+    norm = weights.normalization
+    norm_text = (f"inside the model (mean {tuple(norm['mean'])}, std {tuple(norm['std'])})" if norm['inside_model']
+                 else 'none')
+    body = f"""
+# {weights.name}
+
+{weights.architecture} trained on {ds_name} ({weights.training}), from "{weights.paper['title']}"
+(arXiv [{weights.paper['arxiv']}](https://arxiv.org/abs/{weights.paper['arxiv']})), converted to safetensors for
+[timm](https://github.com/huggingface/pytorch-image-models) by robust-resnets.
+
+- Threat model: {threat}
+- Extra training data: {weights.extra_data or 'none'}
+- Input: {weights.input_size[1]}x{weights.input_size[2]} RGB in [0, 1]; input standardisation: {norm_text}
+- Classes: {weights.num_classes}
+
+## Usage
+
+```python
+import timm
+import robust_resnets  # registers the architectures and this tag
+
+model = timm.create_model('{weights.name}', pretrained=True).eval()
+```
+
+## Reported numbers ({weights.dataset} test set)
+
+| Metric | Value |
+| --- | --- |
+{rows}
+
+Source: {rep.get('source') or 'the paper'}. These are the authors' numbers, not measured here.
+
+## Provenance
+
+- Original checkpoint ({weights.original['layout']} layout): {'; '.join(weights.original['locations'])}
+- sha256 of the original file: `{source_sha256}`
+- sha256 of model.safetensors: `{sha256}`
+- Licence: {weights.license}
+"""
+    return '---\n' + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + '---\n' + body
+
+
+def _config(weights: PretrainedWeights, model: torch.nn.Module) -> Dict[str, Any]:
+    """timm's config.json: architecture, classes, model_args and the pretrained cfg (no weight source)."""
+    from timm.models import get_pretrained_cfg
+
+    from .registry import pretrained_cfg_for
+
+    cfg = pretrained_cfg_for(weights, get_pretrained_cfg(weights.architecture)).to_dict(remove_source=True)
+    cfg.pop('notes', None)
+    return {
+        'architecture': weights.architecture,
+        'num_classes': weights.num_classes,
+        'num_features': int(getattr(model, 'num_features', 0)),
+        'model_args': dict(weights.model_args),
+        'pretrained_cfg': cfg,
+        'robust_resnets': {k: v for k, v in weights.to_json().items()
+                           if k in ('dataset', 'threat_model', 'eps', 'training', 'extra_data', 'paper', 'reported')},
+    }
+
+
+def convert_checkpoint(
+        checkpoint: os.PathLike,
+        *,
+        name: str,
+        out_dir: os.PathLike,
+        layout: Optional[str] = None,
+        overwrite: bool = False,
+) -> ConversionResult:
+    """Converts an original checkpoint for the manifest entry ``name`` into ``out_dir``.
+
+    Args:
+        checkpoint: The authors' file (.pt/.pth/.pth.tar pickle, or .safetensors).
+        name: Manifest entry, ``arch.tag``.
+        out_dir: Folder to write model.safetensors, config.json and README.md into (created if needed).
+        layout: Key layout of the original (family-specific, e.g. 'huang2022'); detected when None.
+        overwrite: Replace files already in ``out_dir``.
+
+    Raises:
+        ValueError: Unknown entry or architecture, a file that cannot be opened safely, or ``out_dir``
+            already holding converted files without ``overwrite``.
+        RuntimeError: The mapped checkpoint does not load strictly into the architecture.
+    """
+    from robust_resnets import __version__
+
+    try:
+        weights = get_weights(name)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    out_dir = Path(out_dir)
+    existing = [f for f in OUTPUT_FILES if (out_dir / f).exists()]
+    if existing and not overwrite:
+        raise ValueError(f'{out_dir} already holds {existing}; pass --overwrite or choose another --out.')
+    raw = load_original_checkpoint(checkpoint)
+    model, detected = _map_and_load(raw, weights, layout)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    source_sha256 = sha256_file(checkpoint)
+    metadata = {
+        'format': 'pt', 'name': weights.name, 'architecture': weights.architecture, 'tag': weights.tag,
+        'num_classes': str(weights.num_classes), 'dataset': weights.dataset,
+        'model_args': json.dumps(dict(weights.model_args), sort_keys=True),
+        'source_file': Path(checkpoint).name, 'source_sha256': source_sha256, 'source_layout': detected,
+        'converter': f'robust-resnets {__version__}',
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # every file goes to a temporary name first; they are renamed into place only when all are written
+    tmp = {f: out_dir / f'.{f}.tmp-{os.getpid()}' for f in OUTPUT_FILES}
+    try:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp['model.safetensors']), metadata=metadata)
+        sha256 = sha256_file(tmp['model.safetensors'])
+        size = tmp['model.safetensors'].stat().st_size
+        tmp['config.json'].write_text(json.dumps(_config(weights, model), indent=2) + '\n', encoding='utf-8')
+        tmp['README.md'].write_text(model_card(weights, sha256=sha256, source_sha256=source_sha256), encoding='utf-8')
+        for fname, path in tmp.items():
+            os.replace(path, out_dir / fname)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+    entry = {k: v for k, v in weights.to_json().items() if k != 'paper'}
+    entry.update(sha256=sha256, size=size, published=True)
+    return ConversionResult(name=weights.name, out_dir=out_dir, layout=detected, sha256=sha256, size=size, entry=entry)

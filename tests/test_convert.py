@@ -1,0 +1,207 @@
+"""Converters: checkpoints in the authors' key layouts convert, load strictly, and give the same logits."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import timm
+
+import robust_resnets  # noqa: F401
+from robust_resnets.cli import main as cli_main
+from robust_resnets.weights.convert import convert_checkpoint, load_original_checkpoint
+
+from _weights_fixtures import (
+    CIFAR10_MEAN, CIFAR10_STD, DMWideResNet, HuangPreActResNet, TradesWideResNet, ema_wrapped, entry,
+    randomise_norms, use_manifest,
+)
+
+RRB = dict(block_types='robust_res_block', base_width=10, cardinality=4, se_reduction=16)
+CASES = {
+    # name: (reference module factory, manifest model_args, checkpoint wrapper, layout)
+    'preact_resnet.fx_huang_rrb': (
+        lambda: HuangPreActResNet((2, 1, 1), (16, 16, 32), block='rrb', scales=4),
+        dict(depths=[2, 1, 1], channels=[16, 16, 32], scales=4, **RRB), 'ema', 'huang2022'),
+    'preact_resnet.fx_huang_rrb_s1': (
+        lambda: HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1),
+        dict(depths=[1, 1, 1], channels=[16, 16, 32], scales=1, **RRB), 'plain', 'huang2022'),
+    'preact_resnet.fx_huang_basic_silu_mu': (  # RobustBench's Huang2022Revisiting_WRN-A4 layout
+        lambda: HuangPreActResNet((2, 2, 1), (16, 24, 16), block='basic', act='SiLU', pre_process=True),
+        dict(depths=[2, 2, 1], channels=[16, 24, 16], activations='SiLU', input_mean=CIFAR10_MEAN,
+             input_std=CIFAR10_STD), 'plain', 'huang2022'),
+    'preact_resnet.fx_trades_wrn': (
+        lambda: TradesWideResNet(depth=16, widen=2),
+        dict(depths=[2, 2, 2], widths=[2, 2, 2]), 'state_dict', 'robustwrn'),
+    'preact_resnet.fx_robustwrn': (
+        lambda: TradesWideResNet(depth=10, widen=2, robustwrn_names=True),
+        dict(depths=[1, 1, 1], widths=[2, 2, 2]), 'ema', 'robustwrn'),
+    'preact_resnet.fx_dm_wrn': (
+        lambda: DMWideResNet(depth=16, width=2),
+        dict(depths=[2, 2, 2], widths=[2, 2, 2], activations='SiLU', padding='same', input_mean=CIFAR10_MEAN,
+             input_std=CIFAR10_STD), 'score', 'dm_wrn'),
+}
+
+
+def _entries():
+    out = {}
+    for name, (_, args, _, layout) in CASES.items():
+        norm = {'inside_model': False, 'mean': None, 'std': None}
+        if 'input_mean' in args:
+            norm = {'inside_model': True, 'mean': CIFAR10_MEAN, 'std': CIFAR10_STD}
+        out[name] = entry(name=name.split('.')[1], model_args=args, normalization=norm,
+                          original={'locations': ['https://example.invalid/x.pth'], 'layout': layout, 'file': 'x.pth'})
+    return out
+
+
+@pytest.fixture()
+def manifest(tmp_path, monkeypatch):
+    use_manifest(monkeypatch, tmp_path / 'manifest', _entries())
+
+
+def _save(obj, path: Path) -> Path:
+    torch.save(obj, str(path))
+    return path
+
+
+def _checkpoint(ref: torch.nn.Module, wrapper: str) -> dict:
+    if wrapper == 'ema':
+        return ema_wrapped(ref)
+    if wrapper == 'score':  # SCORE's weights-best.pt: {'model_state_dict': ...} with DataParallel prefixes
+        return {'model_state_dict': {'module.' + k: v for k, v in ref.state_dict().items()}}
+    if wrapper == 'state_dict':
+        return {'state_dict': ref.state_dict(), 'epoch': 3}
+    return ref.state_dict()
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_convert_matches_reference_logits(name, manifest, tmp_path):
+    factory, _, wrapper, layout = CASES[name]
+    torch.manual_seed(0)
+    ref = randomise_norms(factory()).eval()
+    ckpt = _save(_checkpoint(ref, wrapper), tmp_path / 'original.pth')
+
+    result = convert_checkpoint(ckpt, name=name, out_dir=tmp_path / 'out')
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert result.entry['sha256'] == result.sha256 and result.entry['size'] == result.size
+
+    model = timm.create_model(name, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'out' / 'model.safetensors'))).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, actual = ref(x), model(x)
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+    # the same conversion with the layout forced gives the same file contents
+    forced = convert_checkpoint(ckpt, name=name, out_dir=tmp_path / 'forced', layout=layout)
+    assert forced.layout == layout
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / 'out' / 'model.safetensors')), load_file(str(tmp_path / 'forced' / 'model.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_outputs_carry_metadata_config_and_card(manifest, tmp_path):
+    name = 'preact_resnet.fx_dm_wrn'
+    ref = DMWideResNet(depth=16, width=2)
+    ckpt = _save({'model_state_dict': ref.state_dict()}, tmp_path / 'weights-best.pt')
+    result = convert_checkpoint(ckpt, name=name, out_dir=tmp_path / 'out')
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / 'out' / 'model.safetensors'), framework='pt') as f:
+        meta = f.metadata()
+    assert meta['architecture'] == 'preact_resnet' and meta['tag'] == 'fx_dm_wrn' and meta['num_classes'] == '10'
+    assert meta['source_layout'] == 'dm_wrn' and len(meta['source_sha256']) == 64
+    config = json.loads((tmp_path / 'out' / 'config.json').read_text())
+    assert config['architecture'] == 'preact_resnet' and config['num_classes'] == 10
+    assert config['model_args']['padding'] == 'same'
+    assert config['pretrained_cfg']['mean'] == [0.0, 0.0, 0.0] and 'hf_hub_id' not in config['pretrained_cfg']
+    card = (tmp_path / 'out' / 'README.md').read_text()
+    import yaml
+    front = yaml.safe_load(card.split('---\n')[1])
+    assert front['library_name'] == 'timm' and 'timm' in front['tags'] and front['datasets'] == ['cifar10']
+    metrics = {m['name'].split(' ')[0]: m['value'] for m in front['model-index'][0]['results'][0]['metrics']}
+    assert metrics == {'Clean': 80.0, 'PGD-20': 50.0}
+    assert result.sha256 in card
+
+
+def test_cli_convert_prints_entry(manifest, tmp_path, capsys):
+    ref = HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1)
+    ckpt = _save(ref.state_dict(), tmp_path / 'ckpt.pth')
+    out = tmp_path / 'cli_out'
+    assert cli_main(['convert', str(ckpt), '--to', 'preact_resnet.fx_huang_rrb_s1', '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    entry_json = json.loads(printed[printed.index('{'):])
+    got = entry_json['preact_resnet.fx_huang_rrb_s1']
+    assert got['published'] is True and got['size'] == (out / 'model.safetensors').stat().st_size
+    import hashlib
+    assert got['sha256'] == hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest()
+    # a second run refuses to overwrite without --overwrite
+    assert cli_main(['convert', str(ckpt), '--to', 'preact_resnet.fx_huang_rrb_s1', '--out', str(out)]) == 1
+    assert 'overwrite' in capsys.readouterr().err
+
+
+def test_wrong_architecture_is_refused_and_nothing_written(manifest, tmp_path):
+    ref = HuangPreActResNet((2, 1, 1), (16, 16, 32), block='rrb', scales=4)
+    ckpt = _save(ref.state_dict(), tmp_path / 'ckpt.pth')
+    with pytest.raises(RuntimeError, match='does not fit preact_resnet.fx_huang_rrb_s1.*--to'):
+        convert_checkpoint(ckpt, name='preact_resnet.fx_huang_rrb_s1', out_dir=tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_wrong_class_count_is_refused(manifest, tmp_path):
+    ref = TradesWideResNet(depth=16, widen=2, num_classes=100)
+    ckpt = _save(ref.state_dict(), tmp_path / 'ckpt.pth')
+    with pytest.raises(RuntimeError, match=r'10 classes.*shape mismatches:.*head\.fc\.weight \(100, 128\) vs \(10, 128\)'):
+        convert_checkpoint(ckpt, name='preact_resnet.fx_trades_wrn', out_dir=tmp_path / 'out')
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ('unpickled!',))
+
+
+def test_pickles_are_opened_weights_only(tmp_path, capsys):
+    path = _save({'state_dict': {}, 'payload': _Evil()}, tmp_path / 'evil.pth')
+    with pytest.raises(ValueError, match='weights_only=True'):
+        load_original_checkpoint(path)
+    assert 'unpickled!' not in capsys.readouterr().out
+
+
+def test_unknown_entry_and_missing_file(manifest, tmp_path):
+    with pytest.raises(ValueError, match='not in the weights manifest.*fx_dm_wrn'):
+        convert_checkpoint(tmp_path / 'x.pth', name='preact_resnet.no_such_tag', out_dir=tmp_path / 'o')
+    with pytest.raises(FileNotFoundError):
+        convert_checkpoint(tmp_path / 'x.pth', name='preact_resnet.fx_dm_wrn', out_dir=tmp_path / 'o')
+
+
+def test_publish_dry_run_and_upload_calls(manifest, tmp_path, capsys, monkeypatch):
+    ref = HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1)
+    out = tmp_path / 'out'
+    convert_checkpoint(_save(ref.state_dict(), tmp_path / 'c.pth'), name='preact_resnet.fx_huang_rrb_s1', out_dir=out)
+    assert cli_main(['publish', str(out), '--repo-id', 'org/fx', '--dry-run']) == 0
+    printed = capsys.readouterr().out
+    assert 'Would upload preact_resnet.fx_huang_rrb_s1' in printed and 'model.safetensors' in printed
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(('create_repo', repo_id, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(('upload_folder', kw))
+            return 'https://huggingface.co/org/fx/commit/0'
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
+    assert cli_main(['publish', str(out), '--repo-id', 'org/fx']) == 0
+    assert calls[0][:2] == ('create_repo', 'org/fx')
+    assert sorted(calls[1][1]['allow_patterns']) == ['README.md', 'config.json', 'model.safetensors']
+
+    (out / 'README.md').write_text('edited by hand')
+    assert cli_main(['publish', str(out), '--repo-id', 'org/fx', '--dry-run']) == 1
+    assert 'different conversions' in capsys.readouterr().err
+    assert cli_main(['publish', str(tmp_path / 'nowhere'), '--repo-id', 'org/fx', '--dry-run']) == 1
+    assert cli_main(['publish', str(out), '--repo-id', 'no-slash', '--dry-run']) == 1
