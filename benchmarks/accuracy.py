@@ -4,9 +4,8 @@ Reads every table in ``benchmarks/tables/*.yaml``, finds each row's released wei
 manifest entry ``<model>.<dataset>_<method>``, or the row's ``weights`` field), evaluates the rows whose
 weights are available (published on the Hub, or ``<weights-dir>/<name>.safetensors``) with
 :func:`robust_resnets.evaluation.evaluate`, and prints paper vs measured with the difference. Rows
-without weights say so. Meant for a GPU: on one H100 a CIFAR WRN-70-16 takes roughly an hour for
-clean + PGD-20 + CW-40 + AutoAttack on 10,000 images (not measured here: no weights are published yet);
-``--n-examples`` shortens it. ``--list`` only prints the rows and their weights.
+without weights say so. Meant for a GPU; its running time is not measured yet (no weights are
+published so far). ``--n-examples`` shortens a run; ``--list`` only prints the rows and their weights.
 """
 from __future__ import annotations
 

@@ -48,15 +48,12 @@ def printed_matches(measured: float, printed: float) -> bool:
 
 def measure_row(row: Dict[str, Any], cache: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     """Parameters (M) and MACs (G) of a table row's model, built on ``meta``."""
-    import timm
-
     import robust_resnets  # noqa: F401  (registers the models)
-    from robust_resnets.complexity import count_macs, count_params
+    from robust_resnets.complexity import count_macs, count_params, create_for_counting
 
     key = json.dumps([row['model'], row.get('model_args', {}), row.get('input_size')], sort_keys=True)
     if key not in cache:
-        with torch.device('meta'):
-            model = timm.create_model(row['model'], **row.get('model_args', {}))
+        model = create_for_counting(row['model'], **row.get('model_args', {}))
         size = tuple(row.get('input_size') or model.pretrained_cfg.get('input_size', (3, 32, 32)))
         cache[key] = {'params_m': count_params(model) / 1e6, 'macs_g': count_macs(model, input_size=size) / 1e9}
     return cache[key]

@@ -15,9 +15,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['count_params', 'count_macs', 'model_complexity']
+__all__ = ['count_params', 'count_macs', 'model_complexity', 'create_for_counting']
 
 aten = torch.ops.aten
 
@@ -97,6 +99,28 @@ def _mapping() -> Dict[Any, Any]:
     return mapping
 
 
+class _AttentionAsOneOp(TorchFunctionMode):
+    """Counts ``F.scaled_dot_product_attention`` as torchprofile does (QK^T and AV only), whatever kernel runs.
+
+    On ``meta`` tensors attention falls back to a decomposition whose scaling multiplies would be counted too.
+    """
+
+    def __init__(self, counter: FlopCounterMode) -> None:
+        super().__init__()
+        self.counter = counter
+        self.adjustment = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        before = self.counter.get_total_flops()
+        out = func(*args, **kwargs)
+        q, k, v = (a.shape for a in args[:3])
+        self.adjustment += _sdpa_macs(q, k, v) - (self.counter.get_total_flops() - before)
+        return out
+
+
 def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameters (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -127,11 +151,24 @@ def count_macs(
     try:
         x = torch.zeros((batch_size, *input_size), device=device)
         counter = FlopCounterMode(display=False, custom_mapping=_mapping())
-        with counter, torch.no_grad():
+        attention = _AttentionAsOneOp(counter)
+        with counter, attention, torch.no_grad():
             model(x)
-        return int(counter.get_total_flops())
+        return int(counter.get_total_flops() + attention.adjustment)
     finally:
         model.train(was_training)
+
+
+def create_for_counting(name: str, **kwargs: Any) -> nn.Module:
+    """Builds a timm model for counting: on ``meta`` (no memory), or on the CPU where a constructor cannot run on
+    ``meta`` (timm 1.0.9's ViT and ConvNeXt read tensor values while building)."""
+    import timm
+
+    try:
+        with torch.device('meta'):
+            return timm.create_model(name, **kwargs)
+    except (RuntimeError, NotImplementedError):
+        return timm.create_model(name, **kwargs)
 
 
 def model_complexity(name: str, *, input_size: Optional[Tuple[int, int, int]] = None,
@@ -146,10 +183,7 @@ def model_complexity(name: str, *, input_size: Optional[Tuple[int, int, int]] = 
     Returns:
         ``{'model', 'params', 'macs', 'input_size'}``.
     """
-    import timm
-
-    with torch.device('meta'):
-        model = timm.create_model(name, **kwargs)
+    model = create_for_counting(name, **kwargs)
     size = tuple(input_size or model.pretrained_cfg.get('input_size', (3, 224, 224)))
     return {'model': name, 'params': count_params(model), 'macs': count_macs(model, input_size=size),
             'input_size': list(size)}

@@ -56,8 +56,13 @@ SMALL = {  # reduced depth (and ViT image size) for real forwards on CPU
 
 
 def _meta(name: str, **kwargs) -> nn.Module:
-    with torch.device('meta'):
-        return timm.create_model(name, **kwargs)
+    try:
+        with torch.device('meta'):
+            return timm.create_model(name, **kwargs)
+    except (RuntimeError, NotImplementedError) as e:  # older timm (1.0.9) calls .item() on linspace in __init__
+        if 'meta' not in str(e):
+            raise
+        pytest.skip(f'timm {timm.__version__} cannot build {name} on the meta device: {e}')
 
 
 @lru_cache(maxsize=None)
@@ -406,3 +411,16 @@ def test_bad_stem_configuration_is_an_error():
     with pytest.raises(ValueError, match='patch_size'):
         timm.create_model('vit_small_convstem', stem_widths=(48, 96, 192), depth=1)
     assert isinstance(_meta_full('convnext_iso_convstem'), ConvNeXtIsotropic)
+
+
+def test_convnext_features_see_the_input_normalisation():
+    kwargs = dict(SMALL['convnext_tiny_convstem'], input_norm=True)
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_tiny_convstem', **kwargs).eval()
+    torch.manual_seed(0)  # same construction, same initial weights
+    feats = timm.create_model('convnext_tiny_convstem', features_only=True, out_indices=(0,), **kwargs).eval()
+    x = torch.rand(1, 3, IMG, IMG)
+    with torch.no_grad():
+        got = feats(x)[0]
+        torch.testing.assert_close(got, model.stages[0](model.stem(model.normalize(x))))
+        assert not torch.allclose(got, model.stages[0](model.stem(x)))

@@ -5,7 +5,6 @@ import hashlib
 import http.server
 import re
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -137,11 +136,14 @@ def test_file_for_another_architecture_or_class_count(hub_env, tmp_path, tiny_we
         timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(hundred)))
 
 
-def test_model_args_conflict_and_untagged_default(hub_env):
-    with pytest.raises(ValueError, match=r'trained with depths=\[1, 1, 1\]'):
-        timm.create_model(NAME, depths=(2, 2, 2))
-    model = timm.create_model(NAME, depths=(1, 1, 1))  # same value as a tuple is fine
-    assert len(model.stages[0].blocks) == 1
+def test_model_args_and_untagged_default(hub_env):
+    model = timm.create_model(NAME)
+    assert [len(s.blocks) for s in model.stages] == [1, 1, 1]
+    # a tag's model_args override the entry point's defaults (wrn_28_10_swish defaults to CIFAR-10 statistics)
+    c100 = timm.create_model('wrn_28_10_swish.cifar100_score')
+    assert torch.allclose(c100.normalize.mean.flatten(), torch.tensor([0.5071, 0.4865, 0.4409]))
+    assert torch.allclose(timm.create_model('wrn_28_10_swish').normalize.mean.flatten(),
+                          torch.tensor([0.4914, 0.4822, 0.4465]))
     with pytest.raises(RuntimeError, match="'preact_resnet' has no untagged pretrained weights.*fx_tiny"):
         timm.create_model('preact_resnet', pretrained=True)
 

@@ -133,6 +133,72 @@ def test_augment_crops_flips_and_rotates_like_torchvision():
     assert torch.equal(rot, torch.rot90(x, 1, dims=(2, 3)).float() / 255)
 
 
+# --- optimiser, schedule, weight averaging ------------------------------------------------------------
+def _tiny_model():
+    import timm
+
+    import robust_resnets  # noqa: F401
+    return timm.create_model('preact_resnet', **TINY['kwargs'])
+
+
+def test_optimizer_skips_decay_on_norm_parameters_only_when_asked():
+    from robust_resnets.training.trainer import build_optimizer
+    model = _tiny_model()
+    norm_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    opt = build_optimizer(model, _cfg(optim={'decay_norm_params': False, 'weight_decay': 5e-4}))
+    decay, no_decay = opt.param_groups
+    assert {id(p) for p in no_decay['params']} == norm_params and no_decay['weight_decay'] == 0
+    assert decay['weight_decay'] == 5e-4 and len(decay['params']) + len(norm_params) == len(list(model.parameters()))
+    assert len(build_optimizer(model, _cfg()).param_groups) == 1
+
+
+def test_schedules():
+    from robust_resnets.training.trainer import build_optimizer, build_scheduler
+    model = _tiny_model()
+    cfg = _cfg(schedule={'name': 'multistep', 'milestones': [2, 3]}, run={'epochs': 4})
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    cfg = _cfg(schedule={'name': 'onecycle', 'interval': 'step', 'pct_start': 0.25}, run={'epochs': 2})
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=10)
+    lrs, moms = [], []
+    for _ in range(19):
+        lrs.append(opt.param_groups[0]['lr'])
+        moms.append(opt.param_groups[0]['momentum'])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == 4  # torch: the rise ends at step pct_start * total - 1 and lrs[0] == pytest.approx(0.1 / 25)
+    assert moms[0] == pytest.approx(0.95) and min(moms) == pytest.approx(0.85)
+
+
+def test_weight_average_follows_gowal_et_al():
+    from robust_resnets.training.trainer import WeightAverage
+    model = _tiny_model()
+    ema = WeightAverage(model, decay=0.995, warmup_steps=5)
+    assert [ema.get_decay(s) for s in (1, 4)] == [0.0, 0.0]
+    assert ema.get_decay(5) == pytest.approx(1 / 10) and ema.get_decay(15) == pytest.approx(11 / 20)
+    assert ema.get_decay(10_000) == 0.995
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.norm.running_mean.add_(3.0)
+    ema.update(model, step=3)  # warm-up: a copy
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.state_dict().values(), model.state_dict().values()))
+    before = [p.clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=5)
+    for b, e, m in zip(before, ema.module.parameters(), model.parameters()):
+        torch.testing.assert_close(e, 0.1 * b + 0.9 * m)
+
+
 # --- the attack inside training ----------------------------------------------------------------------
 @pytest.mark.parametrize('objective,attack_bn', [('trades', 'eval'), ('score', 'train'), ('pgd_at', 'eval')])
 def test_training_attack_stays_in_budget(tmp_path, monkeypatch, objective, attack_bn):
@@ -303,6 +369,20 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     torch.testing.assert_close(ddp['optimizer']['state'], single['optimizer']['state'], rtol=1e-4, atol=2e-5)
     log = [json.loads(x) for x in (tmp_path / 'ddp' / 'metrics.jsonl').read_text().splitlines()]
     assert log[0]['world_size'] == 2
+
+
+# --- command line ------------------------------------------------------------------------------------
+def test_cli_lists_recipes_and_reports_bad_keys(tmp_path, capsys):
+    from robust_resnets.cli import main
+    assert main(['train', '--list']) == 0
+    assert 'rrn_a1_trades' in capsys.readouterr().out.split()
+    assert main(['train', '--config', 'quick_cifar10', '--set', 'optim.lrr=1', '--out', str(tmp_path)]) == 1
+    assert "Did you mean 'optim.lr'" in capsys.readouterr().err
+    assert main(['train', '--resume', '--out', str(tmp_path / 'none')]) == 1
+    assert 'Nothing to resume' in capsys.readouterr().err
+    assert main(['train', '--config', 'quick_cifar10', '--out', str(tmp_path / 'x')]) == 1
+    assert 'data.root is not set' in capsys.readouterr().err
+    assert not (tmp_path / 'x').exists()  # nothing is written before the data and the model are in place
 
 
 # --- real data ---------------------------------------------------------------------------------------

@@ -68,8 +68,10 @@ def project(adv: Tensor, images: Tensor, *, eps: float, norm: str) -> Tensor:
 
 
 def _random_delta(shape: torch.Size, *, eps: float, norm: str, generator: Optional[torch.Generator],
-                  example_seeds: Optional[Tensor], restart: int, device: torch.device) -> Tensor:
-    """Uniform noise in the Linf ball, or a uniformly random direction with a uniform radius in the L2 ball."""
+                  example_seeds: Optional[Tensor], restart: int, device: torch.device,
+                  init_std: Optional[float] = None) -> Tensor:
+    """Uniform noise in the Linf ball, or a uniformly random direction with a uniform radius in the L2 ball;
+    with ``init_std``, Gaussian noise of that std (the start of the TRADES/MART/PGD-AT training codes)."""
     if example_seeds is not None:  # one generator per example: the draw does not depend on the batch
         parts = []
         for seed in example_seeds.tolist():
@@ -80,6 +82,8 @@ def _random_delta(shape: torch.Size, *, eps: float, norm: str, generator: Option
         g_device = generator.device if generator is not None else device
         raw = _draw(shape[1:], shape[0], generator, g_device).to(device)
     direction, radius = raw[:, :-1].view(shape), raw[:, -1]
+    if init_std is not None:
+        return torch.special.ndtri(direction.clamp(1e-7, 1 - 1e-7)) * init_std  # uniform -> normal
     if norm == 'Linf':
         return (direction * 2 - 1) * eps
     direction = torch.special.ndtri(direction.clamp(1e-7, 1 - 1e-7))  # uniform -> normal, same draw count
@@ -112,6 +116,7 @@ def pgd_attack(
         restarts: int = 1,
         generator: Optional[torch.Generator] = None,
         example_seeds: Optional[Tensor] = None,
+        init_std: Optional[float] = None,
 ) -> Tensor:
     """Runs PGD and returns the adversarial images (detached, in [0, 1], within eps of ``images``).
 
@@ -131,11 +136,15 @@ def pgd_attack(
         generator: Generator for the random starts (default: the global RNG on the images' device).
         example_seeds: One integer seed per example (N,); draws each example's random start from its own
             seed, so that results do not depend on how examples are batched. Overrides ``generator``.
+        init_std: With ``random_start``, start from Gaussian noise of this std (projected into the ball and
+            [0, 1]) instead of uniformly in the ball: 0.001 in TRADES' code, the step size in the PGD-AT/MART codes.
 
     Returns:
         Adversarial images, same shape, dtype and device as ``images``.
     """
     _check_norm(norm)
+    if init_std is not None and not init_std > 0:
+        raise ValueError(f'init_std must be a positive noise std such as 0.001, got {init_std!r}.')
     if eps < 0 or step_size < 0 or steps < 0 or restarts < 1:
         raise ValueError(f'PGD needs eps >= 0, step_size >= 0, steps >= 0 and restarts >= 1; got eps={eps}, '
                          f'step_size={step_size}, steps={steps}, restarts={restarts}.')
@@ -156,7 +165,7 @@ def pgd_attack(
         if random_start and eps > 0:
             seeds = example_seeds[todo.cpu()] if example_seeds is not None else None
             delta = _random_delta(x0.shape, eps=eps, norm=norm, generator=generator, example_seeds=seeds,
-                                  restart=restart, device=x0.device)
+                                  restart=restart, device=x0.device, init_std=init_std)
             adv = project(x0 + delta.to(x0.dtype), x0, eps=eps, norm=norm)
         else:
             adv = x0.clone()

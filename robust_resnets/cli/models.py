@@ -19,19 +19,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from robust_resnets.complexity import count_macs, count_params
+    from robust_resnets.complexity import count_macs, count_params, create_for_counting
     from robust_resnets.models import list_models
-
-    import timm
-    import torch
 
     names = list_models(args.pattern)
     if not names:
         raise ValueError(f"no registered model matches '{args.pattern}'; run 'robust-resnets models' to see them all")
     rows = []
     for name in names:
-        with torch.device('meta'):
-            model = timm.create_model(name)
+        model = create_for_counting(name)
         size = tuple(model.pretrained_cfg.get('input_size', (3, 224, 224)))
         rows.append({'model': name, 'params': count_params(model),
                      'macs': None if args.no_macs else count_macs(model, input_size=size),

@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Loads the config and trains; returns the exit code."""
+    import os
     from pathlib import Path
 
     from robust_resnets.training.config import list_builtin_configs, load_config
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         summary = train(cfg, args.out, resume=args.resume)
     except FileExistsError as e:
         raise ValueError(str(e)) from None
+    if int(os.environ.get('RANK', '0')) != 0:  # under torchrun, one report
+        return 0
     metrics = ' '.join(f'{k}={v:.4f}' for k, v in summary.items() if isinstance(v, float) and k != 'epoch')
     print(f"{summary['status']} at step {summary['step']} (epoch {summary['epoch']:g}) {metrics}".rstrip())
     if summary['status'] == 'stopped':

@@ -53,22 +53,27 @@ def _cache_path(source: Path, dataset: str, split: str) -> Path:
     return _cache_root() / f'{dataset}-{split}-{digest}.npz'
 
 
-def _save_npz(path: Path, images: Tensor, labels: Tensor, source: Path) -> None:
+def _stamp(source: Path, split: str) -> float:
+    """Modification time of the archive, or of the split folder (the cache may be written beside it, in source)."""
+    return (source if source.is_file() else source / split).stat().st_mtime
+
+
+def _save_npz(path: Path, images: Tensor, labels: Tensor, stamp: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.npz.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
-            np.savez(f, images=images.numpy(), labels=labels.numpy(), source_mtime=source.stat().st_mtime)
+            np.savez(f, images=images.numpy(), labels=labels.numpy(), source_mtime=stamp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _load_npz(path: Path, source: Path) -> Optional[Tuple[Tensor, Tensor]]:
+def _load_npz(path: Path, stamp: float) -> Optional[Tuple[Tensor, Tensor]]:
     try:
         with np.load(path) as data:
-            if float(data['source_mtime']) != source.stat().st_mtime:
+            if float(data['source_mtime']) != stamp:
                 return None  # the source changed since the cache was written
             return torch.from_numpy(data['images'].copy()), torch.from_numpy(data['labels'].astype(np.int64))
     except (OSError, KeyError, ValueError):
@@ -118,7 +123,8 @@ def load_cifar_tensors(*, root: Union[str, Path], dataset: str = 'cifar10', spli
             f'{root}/{split}/<class>/*.jpg, or a {dataset}-jpeg.tar.gz archive. Pass the folder that holds one '
             f'(e.g. --data-dir ../shared/data), or download=True where the network allows.')
     cache = _cache_path(source, dataset, split)
-    cached = _load_npz(cache, source) if cache.exists() else None
+    stamp = _stamp(source, split)
+    cached = _load_npz(cache, stamp) if cache.exists() else None
     if cached is not None:
         return cached
     images, labels, classes = load_image_folder(source, subdir=split, interleave=True, progress=True)
@@ -127,7 +133,7 @@ def load_cifar_tensors(*, root: Union[str, Path], dataset: str = 'cifar10', spli
                          f'{num_classes}. Check --dataset and --data-dir.')
     if tuple(images.shape[1:]) != (3, 32, 32):
         raise ValueError(f'Images in {source} are {tuple(images.shape[2:])} pixels; CIFAR images are 32 x 32.')
-    _save_npz(cache, images, labels, source)
+    _save_npz(cache, images, labels, stamp)
     return images, labels
 
 

@@ -245,7 +245,7 @@ def _fingerprint(model: nn.Module, images: Tensor, labels: Tensor, specs: Sequen
     digest.update(labels.cpu().numpy().tobytes())
     digest.update(images[:, :, ::4, ::4].contiguous().cpu().numpy().tobytes())
     return {
-        'model': type(model).__name__, 'parameters': sum(p.numel() for p in model.parameters()),
+        'parameters': sum(p.numel() for p in model.parameters()),
         'data': digest.hexdigest(), 'n_examples': int(images.shape[0]), 'seed': seed,
         'attacks': {s.name: s.settings() for s in specs},
     }

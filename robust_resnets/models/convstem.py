@@ -39,7 +39,7 @@ from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.vision_transformer import VisionTransformer
 
 from ..weights import resolve_pretrained_kwargs
-from .layers import InputNormalize
+from .layers import InputNormalize, strip_checkpoint_wrappers
 
 __all__ = [
     'StemLayerNorm2d', 'ConvStem', 'ConvStemPatchEmbed', 'ConvStemVisionTransformer', 'ConvStemConvNeXt', 'ConvNeXtIsotropic',
@@ -189,6 +189,9 @@ class ConvStemConvNeXt(ConvNeXt):
                              f'stem_strides={tuple(stem_strides)}.')
         self.stem = stem.to(device=self.stem[0].weight.device, dtype=self.stem[0].weight.dtype)
         self.normalize = _input_normalize(input_norm, input_mean, input_std)
+        # timm's FeatureListNet (features_only) runs the children in registration order: normalize goes first
+        for name in [n for n in self._modules if n != 'normalize']:
+            self._modules[name] = self._modules.pop(name)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward_features(self.normalize(x))
@@ -313,30 +316,6 @@ _SINGH2023_ISO_RULES = _SINGH2023_RULES + (
     (r'^norm\.', 'head.norm.'),
 )
 CHECKPOINT_LAYOUTS = ('timm', 'singh2023', 'robustbench')
-_WRAPPER_PREFIXES = ('module.', 'base_model.', 'model.', '_orig_mod.')
-
-
-def _unwrap(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The tensors of a checkpoint, out of training-state dicts and DDP / EMA / normalize_model prefixes."""
-    if 'model_state_dict' in state_dict and 'state_dict_ema' in state_dict:
-        raise ValueError("The checkpoint holds both 'model_state_dict' and 'state_dict_ema' (the authors' training "
-                         "state); pass the one you want, e.g. checkpoint['state_dict_ema'].")
-    for key in ('state_dict', 'model_state_dict', 'state_dict_ema', 'model'):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
-    out = {}
-    for k, v in state_dict.items():
-        if not torch.is_tensor(v):
-            continue
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if k.startswith(prefix):
-                    k, stripped = k[len(prefix):], True
-        out[k] = v
-    return out
 
 
 def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
@@ -344,7 +323,7 @@ def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
 
     RobustBench's re-exports use the authors' keys, so they are reported as 'singh2023'.
     """
-    keys = [k for k in _unwrap(state_dict) if not k.startswith('normalize.')]
+    keys = [k for k in strip_checkpoint_wrappers(state_dict) if not k.startswith('normalize.')]
     if any(k.startswith(('patch_embed.proj.stem.', 'stem.stem.')) or '.dwconv.' in k for k in keys):
         return 'singh2023'
     if any(k.startswith(('patch_embed.proj.0.', 'stem.0.')) for k in keys):
@@ -404,7 +383,7 @@ def checkpoint_filter_fn(
         ValueError: For an unknown layout, or a checkpoint carrying input-normalisation buffers for a
             model built without in-model normalisation.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = strip_checkpoint_wrappers(state_dict)
     layout = layout or detect_layout(state_dict)
     if layout not in CHECKPOINT_LAYOUTS:
         raise ValueError(f"Unknown layout '{layout}'; use one of {list(CHECKPOINT_LAYOUTS)}.")
@@ -447,9 +426,10 @@ def _create_convstem(variant: str, pretrained: bool = False, **kwargs: Any) -> n
     if family == 'convnext_iso':  # features: the last three blocks, as timm's ViTs
         default_out = tuple(range(max(depth - 3, 0), depth))
         feature_cfg = dict(flatten_sequential=True, out_indices=kwargs.pop('out_indices', default_out))
+    elif family == 'convnext':  # as timm's ConvNeXt (its forward_intermediates counts the stem in timm 1.0.9)
+        feature_cfg = dict(flatten_sequential=True, out_indices=kwargs.pop('out_indices', (0, 1, 2, 3)))
     else:
-        default_out = min(3, depth) if family == 'vit' else (0, 1, 2, 3)
-        feature_cfg = dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', default_out))
+        feature_cfg = dict(feature_cls='getter', out_indices=kwargs.pop('out_indices', min(3, depth)))
     return build_model_with_cfg(
         model_cls, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

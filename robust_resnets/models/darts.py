@@ -27,11 +27,13 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch.utils.checkpoint import checkpoint
 
 from ..weights import resolve_pretrained_kwargs
-from .preact_resnet import _strip_wrappers
+from .layers import strip_checkpoint_wrappers
 
 __all__ = [
-    'Genotype', 'GENOTYPES', 'OPS', 'ReLUConvBN', 'SepConv', 'DilConv', 'FactorizedReduce', 'Zero',
-    'CellNetwork', 'DartsCell', 'DartsNetwork', 'checkpoint_filter_fn', 'detect_layout', 'original_keys',
+    'Genotype', 'GENOTYPES', 'DARTS_CONFIGS', 'OPS', 'ReLUConvBN', 'SepConv', 'DilConv', 'Conv7x1x7', 'Zero',
+    'FactorizedReduce', 'skip_connect', 'preprocess_inputs', 'resolve_genotype', 'CellNetwork', 'DartsCell',
+    'DartsNetwork', 'checkpoint_filter_fn', 'detect_layout', 'original_keys', 'filter_cell_network_checkpoint',
+    'feature_cfg', 'ROBNETS_OP_KEY',
 ]
 
 #: A DARTS genotype: ``normal``/``reduce`` list ``(op_name, input_index)`` pairs, two per node; the
@@ -328,9 +330,8 @@ class CellNetwork(nn.Module):
             reduction = i in self.reduction_cells
             if reduction:
                 chs *= 2
-                if i > 0 or stem_type == 'cifar':
-                    tap = f'cells.{i - 1}' if i > 0 else 'stem'
-                    self.feature_info.append(dict(num_chs=prev_chs, reduction=stride, module=tap))
+                tap = f'cells.{i - 1}' if i > 0 else 'stem' if self.stem_reduce is None else 'stem_reduce'
+                self.feature_info.append(dict(num_chs=prev_chs, reduction=stride, module=tap))
                 stride *= 2
             cell = self._make_cell(i, prev_prev_chs, prev_chs, chs, reduction, reduction_prev)
             cells.append(cell)
@@ -444,11 +445,15 @@ def original_keys(model: nn.Module) -> Dict[str, str]:
     return out
 
 
+#: RobNets wrap each cell operation in ``ChosenOperation.op``; DARTS operations are not wrapped.
+ROBNETS_OP_KEY = re.compile(r'\._ops\.\d+\.op\.(op|conv|res|conv_1|conv_2|bn)\.')
+
 #: Checkpoint-only keys of training-time modules the evaluation network does not have.
 _TRAINING_ONLY_PREFIXES = ('auxiliary_head.',)
 
 
-def filter_cell_network_checkpoint(state_dict: Dict[str, Any], model: nn.Module, layout: str) -> Dict[str, torch.Tensor]:
+def filter_cell_network_checkpoint(state_dict: Dict[str, Any], model: nn.Module,
+                                   layout: str) -> Dict[str, torch.Tensor]:
     """Renames a stripped state dict from the authors' layout (or ours, 'timm') to this model's keys.
 
     Drops the auxiliary tower (training only), fills ``num_batches_tracked`` that pre-0.4.1
@@ -473,16 +478,12 @@ def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
     if any(k.startswith('head.fc.') for k in keys):
         return 'timm'
     if any(k.startswith('classifier.') for k in keys) and any('._ops.' in k for k in keys):
-        if any(_ROBNET_OP_KEY.search(k) for k in keys):
+        if any(ROBNETS_OP_KEY.search(k) for k in keys):
             raise ValueError('This is a RobNet checkpoint (RobNets op wrappers in its keys); load it into a '
                              'robnet_* model.')
         return 'darts'
     raise ValueError('Unrecognised checkpoint layout for a DARTS-style model: expected head.fc.* (ours) or '
                      f"classifier.* with cells.*._ops.* (the authors'); first keys: {keys[:5]}.")
-
-
-#: RobNets wrap each cell operation in ``ChosenOperation.op``; DARTS operations are not wrapped.
-_ROBNET_OP_KEY = re.compile(r'\._ops\.\d+\.op\.(op|conv|res|relu|conv_1|conv_2|bn)\.')
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DartsNetwork,
@@ -497,7 +498,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DartsNetwork,
         model: The model it will load into.
         layout: 'darts' or 'timm'; detected when None.
     """
-    state_dict = _strip_wrappers(state_dict)
+    state_dict = strip_checkpoint_wrappers(state_dict)
     layout = layout or detect_layout(state_dict)
     if layout not in ('darts', 'timm'):
         raise ValueError(f"Unknown layout '{layout}' for a DARTS-style model; use 'darts' or 'timm'.")
@@ -505,13 +506,19 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DartsNetwork,
 
 
 # --- creation ----------------------------------------------------------------------------------------
+def feature_cfg(kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """timm's ``feature_cfg`` for a cell network built with ``kwargs``: forward hooks, every tap."""
+    layers = int(kwargs['layers'])
+    n_taps = len({layers // 3, 2 * layers // 3}) + 1 + (kwargs.get('stem_type') == 'imagenet')
+    return dict(feature_cls='hook', no_rewrite=True, out_indices=tuple(range(n_taps)))
+
+
 def _create_darts(variant: str, pretrained: bool = False, **kwargs: Any) -> DartsNetwork:
     kwargs = resolve_pretrained_kwargs(variant, pretrained, kwargs)
-    n_features = 4 if kwargs.get('stem_type') == 'imagenet' else 3
     return build_model_with_cfg(
         DartsNetwork, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='hook', no_rewrite=True, out_indices=tuple(range(n_features))),
+        feature_cfg=feature_cfg(kwargs),
         **kwargs,
     )
 

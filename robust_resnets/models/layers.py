@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
@@ -10,7 +10,7 @@ from timm.layers import LayerNorm2d, get_act_layer
 
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CIFAR100_MEAN', 'CIFAR100_STD',
-    'InputNormalize', 'resolve_act_layer', 'resolve_norm_layer', 'LayerType',
+    'InputNormalize', 'resolve_act_layer', 'resolve_norm_layer', 'LayerType', 'strip_checkpoint_wrappers',
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -98,3 +98,35 @@ def resolve_norm_layer(norm: Optional[LayerType]) -> Callable[..., nn.Module]:
         raise ValueError(f"Unknown normalization '{norm}'. Use one of 'BatchNorm', 'GroupNorm', 'LayerNorm', "
                          f"'InstanceNorm', or pass an nn.Module class.")
     return _NORM_LAYERS[key]
+
+
+_WRAPPER_PREFIXES = ('module.', 'base_model.', 'model.', '_orig_mod.')
+
+
+def strip_checkpoint_wrappers(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, out of training-state wrappers (``state_dict``, ``model_state_dict``,
+    ``state_dict_ema``, ``model``, ``ema_state_dict``) and ``module.``/``base_model.``/``model.``/``_orig_mod.``
+    prefixes in any order (DDP, EMA, input-normalising and torch.compile wrappers).
+
+    Raises:
+        ValueError: The file holds both the trained and the EMA weights, so which one to load is ambiguous.
+    """
+    if 'model_state_dict' in state_dict and 'state_dict_ema' in state_dict:
+        raise ValueError("The checkpoint holds both 'model_state_dict' and 'state_dict_ema' (a training state); "
+                         "pass the one you want, e.g. checkpoint['state_dict_ema'].")
+    for key in ('state_dict', 'model_state_dict', 'state_dict_ema', 'model', 'ema_state_dict'):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for k, v in state_dict.items():
+        if not torch.is_tensor(v):
+            continue
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if k.startswith(prefix):
+                    k, stripped = k[len(prefix):], True
+        out[k] = v
+    return out

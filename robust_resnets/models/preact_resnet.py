@@ -29,6 +29,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from ..weights import resolve_pretrained_kwargs
 from .layers import (
     CIFAR10_MEAN, CIFAR10_STD, InputNormalize, LayerType, resolve_act_layer, resolve_norm_layer,
+    strip_checkpoint_wrappers,
 )
 
 __all__ = ['PreActBasicBlock', 'RobustResBlock', 'PreActStage', 'PreActResNet', 'checkpoint_filter_fn']
@@ -451,22 +452,6 @@ def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
                      f"patterns matched (first keys: {keys[:5]}). Pass layout= one of {sorted(CHECKPOINT_LAYOUTS)}.")
 
 
-def _strip_wrappers(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    for key in ('state_dict', 'model_state_dict', 'model', 'ema_state_dict'):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    out = {}
-    for k, v in state_dict.items():
-        if not torch.is_tensor(v):
-            continue
-        for prefix in ('module.', 'model.', 'base_model.', '_orig_mod.'):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
 def checkpoint_filter_fn(
         state_dict: Dict[str, Any],
         model: PreActResNet,
@@ -479,7 +464,7 @@ def checkpoint_filter_fn(
     the in-model normalisation buffers from the model when the checkpoint has none (RobustBench
     keeps them out of its state dicts).
     """
-    state_dict = _strip_wrappers(state_dict)
+    state_dict = strip_checkpoint_wrappers(state_dict)
     layout = layout or detect_layout(state_dict)
     if layout != 'timm':
         if layout not in CHECKPOINT_LAYOUTS:
@@ -487,6 +472,8 @@ def checkpoint_filter_fn(
         rules = CHECKPOINT_LAYOUTS[layout]
         mapped = {}
         for k, v in state_dict.items():
+            if layout == 'robustwrn' and k.startswith('sub_block1.'):
+                continue  # TRADES' WideResNet builds an extra stage-1 copy that its forward never uses
             for pattern, repl in rules:
                 k = re.sub(pattern, repl, k)
             mapped[k] = v

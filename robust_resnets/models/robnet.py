@@ -16,7 +16,6 @@ CIFAR-10, SVHN and ImageNet alike.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
@@ -24,10 +23,16 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..weights import resolve_pretrained_kwargs
-from .darts import CellNetwork, SepConv, Zero, filter_cell_network_checkpoint, preprocess_inputs, skip_connect
-from .preact_resnet import _strip_wrappers
+from .darts import (
+    ROBNETS_OP_KEY, CellNetwork, SepConv, Zero, feature_cfg, filter_cell_network_checkpoint, preprocess_inputs,
+    skip_connect,
+)
+from .layers import strip_checkpoint_wrappers
 
-__all__ = ['ARCH_CODES', 'ResSepConv', 'RobNetCell', 'RobNet', 'checkpoint_filter_fn', 'detect_layout']
+__all__ = [
+    'ARCH_CODES', 'ROBNET_CONFIGS', 'ROBNET_OPS', 'ResSepConv', 'RobNetCell', 'RobNet', 'resolve_arch_code',
+    'checkpoint_filter_fn', 'detect_layout',
+]
 
 #: The released RobNet architecture codes (gmh14/RobNets ``architecture_code.py``).
 ARCH_CODES: Dict[str, Sequence[Sequence[str]]] = {
@@ -188,16 +193,13 @@ class RobNet(CellNetwork):
 
 
 # --- checkpoint layouts ------------------------------------------------------------------------------
-_ROBNETS_KEY = re.compile(r'^cells\.\d+\._ops\.\d+\.op\.')
-
-
 def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
     """Names the layout of a RobNet state dict: 'timm' (ours) or 'robnets' (gmh14/RobNets ``.pth.tar``
     and Huang et al. 2022's copy of that code)."""
     keys = list(state_dict.keys())
     if any(k.startswith('head.fc.') for k in keys):
         return 'timm'
-    if any(k.startswith('classifier.') for k in keys) and any(_ROBNETS_KEY.match(k) for k in keys):
+    if any(k.startswith('classifier.') for k in keys) and any(ROBNETS_OP_KEY.search(k) for k in keys):
         return 'robnets'
     raise ValueError('Unrecognised checkpoint layout for a RobNet: expected head.fc.* (ours) or classifier.* '
                      f"with cells.*._ops.*.op.* (gmh14/RobNets); first keys: {keys[:5]}.")
@@ -212,7 +214,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RobNet,
         model: The model it will load into.
         layout: 'robnets' or 'timm'; detected when None.
     """
-    state_dict = _strip_wrappers(state_dict)
+    state_dict = strip_checkpoint_wrappers(state_dict)
     layout = layout or detect_layout(state_dict)
     if layout not in ('robnets', 'timm'):
         raise ValueError(f"Unknown layout '{layout}' for a RobNet; use 'robnets' or 'timm'.")
@@ -222,11 +224,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RobNet,
 # --- creation ----------------------------------------------------------------------------------------
 def _create_robnet(variant: str, pretrained: bool = False, **kwargs: Any) -> RobNet:
     kwargs = resolve_pretrained_kwargs(variant, pretrained, kwargs)
-    n_features = 4 if kwargs.get('stem_type') == 'imagenet' else 3
     return build_model_with_cfg(
         RobNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='hook', no_rewrite=True, out_indices=tuple(range(n_features))),
+        feature_cfg=feature_cfg(kwargs),
         **kwargs,
     )
 

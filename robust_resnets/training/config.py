@@ -112,7 +112,9 @@ class AttackConfig:
         eps: Radius of the ball, in [0, 1] pixel units.
         step_size: PGD step size.
         steps: PGD steps.
-        random_start: Start from a uniformly random point of the ball.
+        random_start: Start from a random point near the clean image.
+        init_std: Std of a Gaussian random start (0.001 in TRADES' code, the step size in the authors'
+            PGD-AT/MART codes); null starts uniformly in the eps ball.
     """
 
     norm: str = 'Linf'
@@ -120,6 +122,7 @@ class AttackConfig:
     step_size: float = 2 / 255
     steps: int = 10
     random_start: bool = True
+    init_std: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -281,14 +284,19 @@ def _type_hints(cls: type) -> Dict[str, Any]:
 
 
 def _describe(tp: Any) -> str:
-    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
+    """'a number or null', 'true or false or a string', ... for an annotation."""
+    if typing.get_origin(tp) is Union:
+        return ' or '.join('null' if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    names = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}
+    if tp in names:
+        return names[tp]
+    return {list: 'a list', dict: 'a mapping'}.get(typing.get_origin(tp), str(tp))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Checks ``value`` against the annotation ``tp`` (ints become floats where floats are expected)."""
     origin = typing.get_origin(tp)
     if origin is Union:
-        errors = []
         for arg in typing.get_args(tp):
             if arg is type(None):
                 if value is None:
@@ -296,8 +304,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"'{key}' must be {_describe(tp)}, got {value!r}.")
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):

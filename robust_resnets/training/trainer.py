@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -314,16 +313,23 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 
 def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, Any]) -> None:
     """Writes ``model.safetensors`` and timm's ``config.json`` into the run directory (each atomically)."""
-    from timm.models._hub import save_for_hf
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
 
     model_args = {k: v for k, v in cfg.model.kwargs.items()}
     training = {'recipe': cfg.description, 'objective': cfg.objective.name, 'epochs': cfg.run.epochs,
                 'threat_model': {'norm': cfg.attack.norm, 'eps': cfg.attack.eps},
                 'dataset': cfg.data.dataset, 'ema': cfg.ema.enabled, **extra}
     with tempfile.TemporaryDirectory(dir=run_dir, prefix='.export-') as tmp:
-        save_for_hf(model, tmp, model_config={'training': training}, model_args=model_args,
-                    safe_serialization=True)
+        # timm's save_for_hf refuses to run without a Hub-capable huggingface_hub under timm 1.0.9
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(tmp) / 'model.safetensors'),
+                  metadata={'format': 'pt'})
+        save_config_for_hf(model, Path(tmp) / 'config.json', model_config={'training': training},
+                           model_args=model_args)
+        umask = os.umask(0)
+        os.umask(umask)
         for name in ('model.safetensors', 'config.json'):
+            os.chmod(Path(tmp) / name, 0o666 & ~umask)  # safetensors writes owner-only files
             os.replace(Path(tmp) / name, run_dir / name)
 
 
@@ -340,8 +346,8 @@ def _load_checkpoint(path: Path) -> Dict[str, Any]:
     return ckpt
 
 
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> Optional[Dict[str, Any]]:
-    """Validates (and for a new run, creates) the run directory; returns the checkpoint to resume from."""
+def _check_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> Optional[Dict[str, Any]]:
+    """Validates the run directory; returns the checkpoint to resume from (None for a new run)."""
     last = run_dir / 'last.pt'
     if resume:
         if not last.is_file():
@@ -358,8 +364,6 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> Optional[
         return ckpt
     if last.exists() or (run_dir / 'train_config.yaml').exists():
         raise FileExistsError(f"'{run_dir}' already holds a run; pass --resume to continue it, or choose a new --out.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / 'train_config.yaml', yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return None
 
 
@@ -399,11 +403,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Trainin
     config_from_dict(config_to_dict(cfg))  # validate programmatic configs too
     if cfg.run.batch_size % d.world_size:
         raise ConfigError(f'run.batch_size ({cfg.run.batch_size}) must divide evenly over {d.world_size} processes.')
-    # rank 0 checks and creates the run directory (which all processes must see) and tells the others
+    # rank 0 checks the run directory (which all processes must see) and tells the others
     ckpt, error = None, None
     if d.main:
         try:
-            ckpt = _prepare_run_dir(cfg, run_dir, resume)
+            ckpt = _check_run_dir(cfg, run_dir, resume)
         except (ValueError, FileNotFoundError, FileExistsError) as e:
             error = e
     error = _broadcast_object(error, d)
@@ -412,6 +416,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Trainin
     if resume and not d.main:
         ckpt = _load_checkpoint(run_dir / 'last.pt')
     device = d.device
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
     amp = _resolve_flag(cfg.run.amp, device)
     channels_last = _resolve_flag(cfg.run.channels_last, device)
     objective = get_objective(cfg.objective.name)
@@ -454,6 +460,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Trainin
         _set_rng_state(ckpt['rng'], device)
     ckpt_loaded = ckpt is not None
     del ckpt
+    if d.main and not ckpt_loaded:  # created only once the data and the model are in place
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(run_dir / 'train_config.yaml', yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if d.enabled:
+        dist.barrier()
     accum = accum if accum is not None else torch.zeros(5, dtype=torch.float64)
     accum = accum.to(device)  # loss sum, steps, clean correct, adversarial correct, examples
 
@@ -530,7 +541,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Trainin
                     x_adv = pgd_attack(attack_net, x, target, eps=cfg.attack.eps, steps=cfg.attack.steps,
                                        step_size=cfg.attack.step_size, norm=cfg.attack.norm,
                                        loss_fn=objective.attack_loss, random_start=cfg.attack.random_start,
-                                       example_seeds=batch.attack_seeds)
+                                       init_std=cfg.attack.init_std, example_seeds=batch.attack_seeds)
             raw.train()
             with _autocast(device, amp):
                 clean_logits = adv_logits = None

@@ -300,7 +300,7 @@ def _read_file(path: Path) -> Dict[str, PretrainedWeights]:
         if errors:
             problems.extend(f'{name}: {e}' for e in errors)
             continue
-        out[name] = _entry_from_json(name, merged, str(path))
+        out[name] = _entry_from_json(name, merged, str(path.resolve()))
     if problems:
         raise ManifestError(f'{path}: {len(problems)} schema error(s):\n  ' + '\n  '.join(problems))
     return out

@@ -17,12 +17,6 @@ from .manifest import PretrainedWeights, entries_for_architecture, get_manifest
 __all__ = ['resolve_pretrained_kwargs', 'check_weights_file']
 
 
-def _normalise(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_normalise(v) for v in value]
-    return value
-
-
 def _tag_of(pretrained_cfg: Any) -> Optional[str]:
     if pretrained_cfg is None or isinstance(pretrained_cfg, str):
         return pretrained_cfg or None
@@ -94,8 +88,7 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
     Raises:
         RuntimeError: The weights are not published, not cached while offline, or failed to download.
         ChecksumError: The file differs from the manifest (it is deleted, never loaded).
-        ValueError: An explicit kwarg contradicts the checkpoint's ``model_args``, or a local file does
-            not fit the architecture.
+        ValueError: A local file does not fit the architecture.
     """
     kwargs = dict(kwargs)
     cfg_arg = kwargs.get('pretrained_cfg')
@@ -107,6 +100,9 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
     if tag is None:
         if not pretrained:
             return kwargs
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        if overlay.get('file') or overlay.get('state_dict') is not None:
+            return kwargs  # the caller's own weights (a training run's export, a fine-tune): no manifest entry
         weights = _default_entry(variant)
         if weights is None:
             return kwargs
@@ -117,11 +113,9 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
         if weights is None:
             return kwargs  # a tag from the family's own default_cfgs
 
-    for key, value in weights.model_args.items():
-        if key in kwargs and _normalise(kwargs[key]) != _normalise(value):
-            raise ValueError(f'{weights.name} was trained with {key}={value!r}, but {key}={kwargs[key]!r} was given; '
-                             f'drop the argument (or use pretrained=False with another tag).')
-        kwargs.setdefault(key, value)
+    # the checkpoint's arguments override the entry point's defaults (which arrive here merged with the
+    # caller's kwargs, so the two cannot be told apart): a tag always builds the architecture it was trained with
+    kwargs.update(weights.model_args)
     if not pretrained:
         return kwargs
 

@@ -1,0 +1,288 @@
+"""evaluate(): worst case, batch-size independence, refusals, masking warnings, resume; results, leaderboard, CLI."""
+import importlib.util
+import json
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from robust_resnets.evaluation import GradientMaskingWarning, evaluate
+from robust_resnets.evaluation.leaderboard import leaderboard_rows, render_html, render_markdown
+from robust_resnets.evaluation.results import (
+    MODEL_INFO_FIELDS, format_eps, parse_eps, read_results, result_to_dict, write_json,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(16, 10)).eval()
+
+
+def data(n: int = 12, seed: int = 0, model: nn.Module = None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    if model is None:
+        return x, torch.randint(0, 10, (n,), generator=g)
+    with torch.no_grad():
+        y = model(x.float() / 255).argmax(1)
+    y[::3] = (y[::3] + 1) % 10  # some examples wrong from the start
+    return x, y
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 1000), eps=st.sampled_from([2 / 255, 8 / 255, 32 / 255]))
+def test_robust_accuracy_never_exceeds_clean_and_worst_case_is_the_and(seed, eps):
+    model = tiny_cnn(seed % 5)
+    x, y = data(9, seed, model)
+    r = evaluate(model, x, y, attacks='clean,fgsm,pgd3,cw3', eps=eps, progress=False, check_masking=False)
+    clean = r.attacks['clean'].correct
+    for name in ('fgsm', 'pgd3', 'cw3'):
+        assert (r.attacks[name].correct <= clean).all()
+        assert r.accuracy[name] <= r.accuracy['clean']
+    assert torch.equal(r.worst_case, clean & r.attacks['fgsm'].correct & r.attacks['pgd3'].correct
+                       & r.attacks['cw3'].correct)
+    assert r.robust_accuracy == pytest.approx(r.worst_case.float().mean().item())
+
+
+def test_numbers_do_not_depend_on_the_batch_size_and_repeat():
+    model = tiny_cnn(1)
+    x, y = data(10, 3, model)
+    kw = dict(attacks='clean,pgd4r2,cw3', eps=8 / 255, progress=False, check_masking=False, seed=7)
+    a = evaluate(model, x, y, batch_size=3, **kw)
+    b = evaluate(model, x, y, batch_size=10, **kw)
+    c = evaluate(model, x, y, batch_size=3, **kw)
+    for name in ('clean', 'pgd4r2', 'cw3'):
+        assert torch.equal(a.attacks[name].correct, b.attacks[name].correct)
+        assert torch.equal(a.attacks[name].correct, c.attacks[name].correct)
+    assert a.batch_size == 3 and b.batch_size == 10
+
+
+def test_float_and_uint8_images_agree():
+    model = tiny_cnn(2)
+    x, y = data(6, 1, model)
+    a = evaluate(model, x, y, attacks='clean,pgd2', progress=False, check_masking=False)
+    b = evaluate(model, x.float() / 255, y, attacks='clean,pgd2', progress=False, check_masking=False)
+    assert a.accuracy == b.accuracy
+
+
+def test_refuses_train_mode_randomised_models_and_bad_inputs():
+    model = tiny_cnn()
+    x, y = data(4)
+    with pytest.raises(ValueError, match='train mode'):
+        evaluate(model.train(), x, y, attacks='clean', progress=False)
+    r = evaluate(model.train(), x, y, attacks='clean', progress=False, allow_train_mode=True)
+    assert model.training and r.n_examples == 4
+    model.eval()
+
+    class Noisy(nn.Module):
+        def forward(self, inp):
+            return model(inp) + torch.randn(inp.shape[0], 10)
+
+    noisy = Noisy().eval()
+
+    with pytest.raises(ValueError, match='randomised'):
+        evaluate(noisy, x, y, attacks='clean', progress=False)
+    with pytest.warns(GradientMaskingWarning, match='randomised'):
+        evaluate(noisy, x, y, attacks='clean', progress=False, allow_randomized=True)
+    with pytest.raises(ValueError, match=r'\[0, 1\]'):
+        evaluate(model, x.float(), y, attacks='clean', progress=False)  # 0..255 floats: not [0, 1]
+    with pytest.raises(ValueError, match='labels'):
+        evaluate(model, x, y[:3], attacks='clean', progress=False)
+    with pytest.raises(ValueError, match='class indices below'):
+        evaluate(model, x, y + 10, attacks='clean', progress=False)
+    with pytest.raises(ValueError, match='Unknown attack'):
+        evaluate(model, x, y, attacks='clean,pgd', progress=False)
+
+
+def test_warns_on_gradient_masking():
+    inner = tiny_cnn(3)
+
+    class Quantised(nn.Module):  # rounding the input zeroes every input gradient
+        def forward(self, inp):
+            return inner(torch.round(inp * 4) / 4)
+
+    model = Quantised().eval()
+    x, y = data(8, 0, model)
+    with pytest.warns(GradientMaskingWarning, match='whole image box'):
+        r = evaluate(model, x, y, attacks='clean,pgd5', progress=False)
+    assert r.unbounded_accuracy > 0 and r.warnings
+    # a plain linear model: PGD with an unbounded eps fools every example, no warning
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
+    x, y = data(8, 0, linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', GradientMaskingWarning)
+        r = evaluate(linear, x, y, attacks='clean,pgd20', progress=False)
+    assert r.unbounded_accuracy == 0
+
+
+def test_resumes_from_the_state_file(tmp_path):
+    model = tiny_cnn(4)
+    x, y = data(12, 2, model)
+    kw = dict(attacks='clean,pgd3,cw3', eps=8 / 255, batch_size=2, progress=False, check_masking=False)
+    full = evaluate(model, x, y, **kw)
+    state = tmp_path / 'state.json'
+
+    class Interrupting(nn.Module):
+        def __init__(self, limit):
+            super().__init__()
+            self.inner, self.calls, self.limit = model, 0, limit
+
+        def forward(self, inp):
+            self.calls += 1
+            if self.calls > self.limit:
+                raise KeyboardInterrupt
+            return self.inner(inp)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(Interrupting(16).eval(), x, y, state_path=state, **kw)
+    saved = json.loads(state.read_text())
+    assert saved['attacks']['clean']['complete'] and not saved['attacks'].get('cw3', {}).get('complete')
+    resumed = evaluate(model, x, y, state_path=state, **kw)
+    for name in ('clean', 'pgd3', 'cw3'):
+        assert torch.equal(full.attacks[name].correct, resumed.attacks[name].correct)
+    with pytest.raises(ValueError, match='different evaluation'):
+        evaluate(model, x, y, state_path=state, **dict(kw, attacks='clean,pgd4'))
+
+
+def _linear_setup(n=8):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
+    x, y = data(n, 5, model)
+    return model, x, y
+
+
+def test_autoattack_through_evaluate_results_json_and_leaderboard(tmp_path):
+    model, x, y = _linear_setup()
+    r = evaluate(model, x, y, attacks='clean,pgd5,aa', eps=8 / 255, batch_size=4, progress=False, check_masking=False)
+    aa = r.attacks['aa']
+    assert aa.spec.attacks == ('apgd-ce', 'apgd-t', 'fab-t', 'square')
+    assert list(aa.components)[0] == 'apgd-ce'
+    assert r.accuracy['aa'] <= r.accuracy['clean'] and (aa.correct <= r.attacks['clean'].correct).all()
+    data_ = result_to_dict(r, model='wrn_a4.cifar10_test', dataset='cifar10')
+    assert data_['model']['robustbench_id'] == 'Huang2022Revisiting_WRN-A4'
+    info = data_['robustbench']
+    assert set(info) <= set(MODEL_INFO_FIELDS)
+    assert info['eps'] == '8/255' and info['clean_acc'] == f"{100 * r.clean_accuracy:.2f}"
+    assert info['autoattack_acc'] == f"{100 * r.accuracy['aa']:.2f}" and info['reported'] == '65.79'
+    settings_ = data_['attacks']['pgd5']['settings']
+    assert settings_.pop('step_size') == pytest.approx(0.8 / 255)
+    assert settings_ == {'kind': 'pgd', 'eps': 8 / 255, 'norm': 'Linf', 'steps': 5, 'restarts': 1, 'random_start': True}
+    path = write_json(data_, tmp_path / 'out' / 'r.json')
+    assert read_results(path)['clean_accuracy'] == r.clean_accuracy
+    assert not [p for p in path.parent.iterdir() if p.name != 'r.json']  # no temporary files left
+    rows = leaderboard_rows([path])
+    assert rows[0]['RobustBench AA'] == '65.79' and rows[0]['model'] == 'wrn_a4.cifar10_test'
+    assert 'wrn_a4.cifar10_test' in render_markdown(rows) and '<table>' in render_html(rows)
+    (tmp_path / 'bad.json').write_text('{"schema": "other"}')
+    with pytest.raises(ValueError, match='not a robust-resnets results file'):
+        read_results(tmp_path / 'bad.json')
+
+
+def test_eps_spelling():
+    assert parse_eps('8/255') == pytest.approx(8 / 255) and parse_eps('0.5') == 0.5
+    assert format_eps(8 / 255) == '8/255' and format_eps(0.5) == '0.5'
+    with pytest.raises(ValueError, match='eps'):
+        parse_eps('eight')
+
+
+def _write_images(root: Path, per_class: int, size: int = 32) -> None:
+    rng = np.random.default_rng(0)
+    for c in CIFAR_CLASSES:
+        (root / 'test' / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / 'test' / c / f'{i:04d}.png')
+
+
+@pytest.fixture
+def tiny_registered_model():
+    """A very small timm-registered model, so that the CLI can build it by name."""
+    import timm
+    from timm.models import register_model
+
+    name = '_rr_test_tiny_cnn'
+    if not timm.is_model(name):
+        def _rr_test_tiny_cnn(pretrained=False, num_classes=10, **kwargs):
+            model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                  nn.Linear(16, num_classes))
+            model.num_classes = num_classes
+            model.pretrained_cfg = {}
+            return model
+        register_model(_rr_test_tiny_cnn)
+    return name
+
+
+def _run_cli(argv):
+    from robust_resnets.cli import main
+
+    return main(argv)
+
+
+def test_cli_eval_and_leaderboard(tmp_path, monkeypatch, capsys, tiny_registered_model):
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    _write_images(tmp_path / 'cifar', per_class=1)
+    out = tmp_path / 'results' / 'tiny.json'
+    rc = _run_cli(['eval', tiny_registered_model, '--random-init', '--data-dir', str(tmp_path / 'cifar'),
+                   '--n-examples', '6', '--attacks', 'clean,fgsm,pgd2', '--out', str(out), '--quiet',
+                   '--no-masking-check'])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert 'pgd2' in printed and 'worst case' in printed
+    saved = read_results(out)
+    assert saved['data']['n_examples'] == 6 and saved['random_init'] is True
+    assert not out.with_name(out.name + '.state.json').exists()
+    assert _run_cli(['leaderboard', str(out), '--out', str(tmp_path / 'lb.md')]) == 0
+    assert tiny_registered_model in (tmp_path / 'lb.md').read_text()
+    # clear one-line errors for bad input
+    assert _run_cli(['eval', tiny_registered_model, '--data-dir', str(tmp_path / 'cifar')]) == 1
+    assert 'no pretrained weights' in capsys.readouterr().err
+    assert _run_cli(['eval', tiny_registered_model, '--random-init', '--data-dir', str(tmp_path / 'nowhere')]) == 1
+    assert 'No cifar10 data in' in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (SHARED_DATA / 'cifar10-jpeg.tar.gz').is_file(),
+                    reason='../shared/data/cifar10-jpeg.tar.gz is not present (real CIFAR-10 JPEGs)')
+def test_short_evaluation_on_real_cifar10_jpegs(tmp_path, monkeypatch):
+    import timm
+
+    import robust_resnets  # noqa: F401
+    from robust_resnets.data import load_cifar_tensors
+
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    with tarfile.open(SHARED_DATA / 'cifar10-jpeg.tar.gz') as tar:  # the first two test images of every class
+        members = [m for m in tar if m.isfile() and m.name.startswith('test/') and m.name.endswith(('0000.jpg', '0001.jpg'))]
+        tar.extractall(tmp_path / 'cifar10', members=members, filter='data')
+    images, labels = load_cifar_tensors(root=tmp_path / 'cifar10')
+    assert images.shape == (20, 3, 32, 32) and sorted(labels.tolist()) == sorted(list(range(10)) * 2)
+    model = timm.create_model('preact_resnet', depths=(1, 1, 1), widths=(1, 1, 1)).eval()
+    r = evaluate(model, images[:8], labels[:8], attacks='clean,pgd2,cw2', batch_size=8, progress=False,
+                 check_masking=False)
+    assert r.n_examples == 8 and r.robust_accuracy <= r.clean_accuracy
+
+
+@pytest.mark.skipif(importlib.util.find_spec('robustbench') is None,
+                    reason='robustbench is not installed (optional extra: pip install robust-resnets[robustbench])')
+def test_robustbench_benchmark_runs_through_the_adapter(tmp_path, monkeypatch):
+    from robust_resnets.evaluation.robustbench_adapter import benchmark
+
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    _write_images(tmp_path / 'cifar', per_class=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    clean, robust = benchmark(model, n_examples=10, dataset='cifar10', threat_model='Linf', data_dir=tmp_path / 'cifar',
+                              device='cpu', batch_size=10)
+    assert 0 <= robust <= clean <= 1
+    import sys
+
+    assert sys.modules['autoattack'].AutoAttack.__module__ == 'robust_resnets.evaluation.robustbench_adapter'
