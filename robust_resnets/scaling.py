@@ -162,8 +162,7 @@ def robust_scaling(
     Returns:
         The scaled configuration; ``robust_scaling(5e9)`` is RobustResNet-A1.
     """
-    if not target_macs > 0:
-        raise ValueError(f'target_macs must be a positive MAC count such as 5e9, got {target_macs!r}.')
+    _check_budget(target_macs)
     if prefer_published:
         published = _published_candidates(target_macs, block_type, depth_ratio, width_ratio, depth_to_width,
                                           **block_kwargs)
@@ -199,6 +198,21 @@ def _published_candidates(target_macs, block_type, depth_ratio, width_ratio, dep
     return out
 
 
+def _check_budget(target_macs: float) -> None:
+    if not target_macs > 0:
+        raise ValueError(f'target_macs must be a positive MAC count such as 5e9, got {target_macs!r}.')
+
+
+def _grow_one_dimension(target_macs: float, make_config, ratio: Sequence[float]) -> ScaledConfig:
+    """Grows one dimension's total from one unit per stage until twice the budget; returns the closest."""
+    candidates = []
+    total = len(ratio)
+    while not candidates or candidates[-1].macs <= 2 * target_macs:
+        candidates.append(make_config(split_by_ratio(total, ratio)))
+        total += 1
+    return _closest(candidates, target_macs)
+
+
 def scale_by_depth(
         target_macs: float,
         *,
@@ -208,17 +222,10 @@ def scale_by_depth(
         **block_kwargs,
 ) -> ScaledConfig:
     """Independent depth scaling (Table 2 'D' rows): fixed widths, total depth grown at ``depth_ratio``."""
-    if not target_macs > 0:
-        raise ValueError(f'target_macs must be a positive MAC count such as 5e9, got {target_macs!r}.')
+    _check_budget(target_macs)
     widths = tuple(int(w) for w in widths)
-    candidates = []
-    total = len(depth_ratio)
-    while not candidates or candidates[-1].macs <= 2 * target_macs:
-        d = split_by_ratio(total, depth_ratio)
-        candidates.append(ScaledConfig(d, widths, network_macs(d, widths, block_type=block_type, **block_kwargs),
-                                       'rule'))
-        total += 1
-    return _closest(candidates, target_macs)
+    return _grow_one_dimension(target_macs, lambda d: ScaledConfig(
+        d, widths, network_macs(d, widths, block_type=block_type, **block_kwargs), 'rule'), depth_ratio)
 
 
 def scale_by_width(
@@ -230,14 +237,7 @@ def scale_by_width(
         **block_kwargs,
 ) -> ScaledConfig:
     """Independent width scaling (Table 2 'W' rows): fixed depths, total widening factor grown at ``width_ratio``."""
-    if not target_macs > 0:
-        raise ValueError(f'target_macs must be a positive MAC count such as 5e9, got {target_macs!r}.')
+    _check_budget(target_macs)
     depths = tuple(int(d) for d in depths)
-    candidates = []
-    total = len(width_ratio)
-    while not candidates or candidates[-1].macs <= 2 * target_macs:
-        w = split_by_ratio(total, width_ratio)
-        candidates.append(ScaledConfig(depths, w, network_macs(depths, w, block_type=block_type, **block_kwargs),
-                                       'rule'))
-        total += 1
-    return _closest(candidates, target_macs)
+    return _grow_one_dimension(target_macs, lambda w: ScaledConfig(
+        depths, w, network_macs(depths, w, block_type=block_type, **block_kwargs), 'rule'), width_ratio)
