@@ -523,7 +523,8 @@ def _create_darts(variant: str, pretrained: bool = False, **kwargs: Any) -> Dart
     )
 
 
-def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+def cell_network_cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    """timm pretrained cfg of a CIFAR cell network (RobNet, DARTS-style): [0, 1] inputs, 32x32."""
     return {
         'url': url,
         'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
@@ -535,9 +536,9 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    'advrush': _cfg(license='apache-2.0', paper_ids='arXiv:2108.01289',
+    'advrush': cell_network_cfg(license='apache-2.0', paper_ids='arXiv:2108.01289',
                     paper_name='AdvRush: Searching for Adversarially Robust Neural Architectures'),
-    'racl': _cfg(license='apache-2.0', paper_ids='arXiv:2009.00902',
+    'racl': cell_network_cfg(license='apache-2.0', paper_ids='arXiv:2009.00902',
                  paper_name='Adversarially Robust Neural Architectures'),
 })
 

@@ -24,8 +24,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..weights import resolve_pretrained_kwargs
 from .darts import (
-    ROBNETS_OP_KEY, CellNetwork, SepConv, Zero, feature_cfg, filter_cell_network_checkpoint, preprocess_inputs,
-    skip_connect,
+    ROBNETS_OP_KEY, CellNetwork, SepConv, Zero, cell_network_cfg, feature_cfg, filter_cell_network_checkpoint,
+    preprocess_inputs, skip_connect,
 )
 from .layers import strip_checkpoint_wrappers
 
@@ -233,16 +233,10 @@ def _create_robnet(variant: str, pretrained: bool = False, **kwargs: Any) -> Rob
 
 
 def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear', 'fixed_input_size': False,
-        'mean': (0.0, 0.0, 0.0), 'std': (1.0, 1.0, 1.0),
-        'first_conv': 'stem.conv', 'classifier': 'head.fc',
+    return cell_network_cfg(url, **{
         'license': 'mit', 'paper_ids': 'arXiv:1911.10695',
         'paper_name': 'When NAS Meets Robustness: In Search of Robust Architectures against Adversarial Attacks',
-        **kwargs,
-    }
+        **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
