@@ -424,3 +424,19 @@ def test_convnext_features_see_the_input_normalisation():
         got = feats(x)[0]
         torch.testing.assert_close(got, model.stages[0](model.stem(model.normalize(x))))
         assert not torch.allclose(got, model.stages[0](model.stem(x)))
+
+
+@pytest.mark.parametrize('name', ['vit_medium_convstem', 'convnext_iso_convstem'])
+def test_a_file_trained_with_normalisation_inside_says_so_and_needs_input_norm(name):
+    # the authors' main.py with --model.add_normalization 1 saves normalize_model(model): the mean and std
+    # are persistent buffers, so the file shows whether its model standardised inside
+    ref = _perturbed(nn.Sequential(OrderedDict(normalize=_AuthorsNormalizer(), model=_authors_reference(name))))
+    ckpt = {f'module.base_model.{k}': v for k, v in ref.state_dict().items()}
+    plain = timm.create_model(name, **SMALL[name]).eval()
+    with pytest.raises(ValueError, match='create it with input_norm=True'):
+        checkpoint_filter_fn(ckpt, plain)
+    model = timm.create_model(name, **SMALL[name], input_norm=True).eval()
+    model.load_state_dict(checkpoint_filter_fn(ckpt, model), strict=True)
+    x = torch.rand(2, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=2e-6)

@@ -11,19 +11,14 @@ import yaml
 
 from robust_resnets.training import config as config_mod
 from robust_resnets.training.config import ConfigError, config_from_dict, config_to_dict, load_config
-from robust_resnets.training.data import BatchPlan, TrainingData, augment
+from robust_resnets.training.data import BatchPlan, augment
+
+from _training_fixtures import one_thread, random_cifar_data as _data, record_lrs  # noqa: F401
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 TINY = {'name': 'preact_resnet', 'kwargs': {'depths': [1, 1, 1], 'widths': [1, 1, 1]}}
 EPS = 8 / 255
-
-
-def _data(n_train=48, n_eval=16, n_generated=0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    u8 = lambda *s: torch.randint(0, 256, s, dtype=torch.uint8, generator=g)  # noqa: E731
-    lab = lambda n: torch.randint(0, 10, (n,), generator=g)  # noqa: E731
-    gen = (u8(n_generated, 32, 32, 3), lab(n_generated)) if n_generated else (None, None)
-    return TrainingData(u8(n_train, 3, 32, 32), lab(n_train), u8(n_eval, 3, 32, 32), lab(n_eval), 10, *gen)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _cfg(**sections):
@@ -39,12 +34,6 @@ def _weights(path):
     return load_file(str(path))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --- config ------------------------------------------------------------------------------------------
@@ -145,7 +134,7 @@ def test_optimizer_skips_decay_on_norm_parameters_only_when_asked():
     from robust_resnets.training.trainer import build_optimizer
     model = _tiny_model()
     norm_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
-    opt = build_optimizer(model, _cfg(optim={'decay_norm_params': False, 'weight_decay': 5e-4}))
+    opt = build_optimizer(model, _cfg(optim={'no_weight_decay': 'norm', 'weight_decay': 5e-4}))
     decay, no_decay = opt.param_groups
     assert {id(p) for p in no_decay['params']} == norm_params and no_decay['weight_decay'] == 0
     assert decay['weight_decay'] == 5e-4 and len(decay['params']) + len(norm_params) == len(list(model.parameters()))
@@ -158,12 +147,7 @@ def test_schedules():
     cfg = _cfg(schedule={'name': 'multistep', 'milestones': [2, 3]}, run={'epochs': 4})
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg, steps_per_epoch=10)
-    lrs = []
-    for _ in range(4):
-        lrs.append(opt.param_groups[0]['lr'])
-        opt.step()
-        sched.step()
-    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    assert record_lrs(opt, sched, 4) == pytest.approx([0.1, 0.1, 0.01, 0.001])
     cfg = _cfg(schedule={'name': 'onecycle', 'interval': 'step', 'pct_start': 0.25}, run={'epochs': 2})
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg, steps_per_epoch=10)
@@ -249,7 +233,7 @@ def test_attack_mode_freezes_parameters_and_batch_norm_statistics():
 def _resume_cfg(**run):
     return _cfg(objective={'name': 'trades', 'attack_bn': 'train', 'bn_update': 'adversarial'},
                 data={'generated': 'unused.npz', 'generated_fraction': 0.25, 'rotation': 15},
-                optim={'nesterov': True, 'decay_norm_params': False, 'grad_clip': 1.0},
+                optim={'nesterov': True, 'no_weight_decay': 'norm', 'grad_clip': 1.0},
                 schedule={'name': 'onecycle', 'interval': 'step'},
                 ema={'enabled': True, 'warmup_epochs': 0.5}, run={'bn_momentum': 0.01, 'epochs': 2, **run})
 

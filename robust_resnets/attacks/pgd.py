@@ -19,9 +19,20 @@ NORMS = ('Linf', 'L2')
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def _loss_precision(logits: Tensor) -> Tensor:
+    """Logits in float32 (float64 ones kept), so that losses are not computed in half precision."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def ce_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-example cross-entropy, the loss PGD maximises."""
-    return F.cross_entropy(logits.float(), labels, reduction='none')
+    """Per-example cross-entropy, the loss PGD maximises.
+
+    ``labels`` are class indices (N,) or soft targets, class probabilities (N x K) such as mixup's.
+    """
+    logits = _loss_precision(logits)
+    if labels.is_floating_point():
+        labels = labels.to(logits.dtype)
+    return F.cross_entropy(logits, labels, reduction='none')
 
 
 def cw_loss(logits: Tensor, labels: Tensor, kappa: float = 0.0) -> Tensor:
@@ -29,7 +40,9 @@ def cw_loss(logits: Tensor, labels: Tensor, kappa: float = 0.0) -> Tensor:
 
     It is zero once an example is misclassified with margin ``kappa``, as in Huang et al.'s CW-k.
     """
-    logits = logits.float()
+    if labels.is_floating_point():
+        raise ValueError("The CW loss needs class-index labels (N,), got soft targets; use loss_fn='ce' for those.")
+    logits = _loss_precision(logits)
     true = logits.gather(1, labels[:, None]).squeeze(1)
     other = logits.scatter(1, labels[:, None], float('-inf')).amax(dim=1)
     return -(true - other + kappa).clamp(min=0)

@@ -17,10 +17,13 @@ stem is timm's own model:
 
 Inputs are [0, 1] pixels. ``vit_small_convstem`` standardises them with the ImageNet mean and
 std inside (its checkpoint was trained so; RobustBench wraps it the same way); the others take
-[0, 1] pixels as they are, as RobustBench loads them. For ``vit_medium_convstem`` and
-``convnext_iso_convstem`` (not on RobustBench) no released file could be inspected here; they
-default to no normalisation (``input_norm=True`` adds it), and :func:`checkpoint_filter_fn` refuses a
-checkpoint that carries normalisation buffers for a model built without them.
+[0, 1] pixels as they are, as RobustBench loads them. ``vit_medium_convstem`` and
+``convnext_iso_convstem`` are not on RobustBench and their files could not be inspected here. The
+authors' trainer standardises inside only with ``--model.add_normalization 1`` (their training
+script passes 0), and then saves the mean and std as persistent ``normalize.*`` buffers: a file from
+it standardises inside exactly when it carries those keys. Both models therefore default to no
+normalisation (``input_norm=True`` adds it), and :func:`checkpoint_filter_fn` refuses a checkpoint
+with normalisation buffers for a model built without them.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Adversarial training: PGD-AT, TRADES, MART and SCORE recipes, single process or DDP under ``torchrun``.
+"""Adversarial training: PGD-AT, TRADES, MART and SCORE recipes on CIFAR, and Singh et al.'s APGD training
+with heavy augmentations on ImageNet; single process or DDP under ``torchrun``.
 
 The loss functions (:mod:`.losses`) and the config (:mod:`.config`) import light; the loop
 (:func:`train`) loads timm and the data code when called.

@@ -24,6 +24,7 @@ __all__ = [
     'ConfigError', 'ModelConfig', 'DataConfig', 'ObjectiveConfig', 'AttackConfig', 'OptimConfig',
     'ScheduleConfig', 'EmaConfig', 'EvalConfig', 'RunConfig', 'TrainConfig', 'load_config', 'config_from_dict',
     'config_to_dict', 'apply_overrides', 'list_builtin_configs', 'resolve_config_path', 'RUN_CONTROL_KEYS',
+    'SOFT_TARGET_OBJECTIVES',
 ]
 
 
@@ -54,10 +55,16 @@ class ModelConfig:
 class DataConfig:
     """Training data, held-out split, augmentation and generated-data mixing.
 
+    CIFAR batches live in memory and are augmented on the device (``crop_padding``, ``flip``,
+    ``rotation``). ImageNet batches are decoded by ``workers`` processes through timm's training
+    transform (random-resized crop, flip, RandAugment, colour jitter, random erasing). Mixup/CutMix
+    (timm's ``Mixup``, one mixing per batch) works for both and turns the labels into soft targets.
+
     Attributes:
-        dataset: 'cifar10' or 'cifar100'.
-        root: Where :func:`robust_resnets.data.cifar.load_cifar_tensors` finds the data (torchvision
-            files, an ImageFolder tree, or the ``cifar10-jpeg.tar.gz`` archive).
+        dataset: 'cifar10', 'cifar100' or 'imagenet'.
+        root: CIFAR: where :func:`robust_resnets.data.cifar.load_cifar_tensors` finds the data (torchvision
+            files, an ImageFolder tree, or the ``cifar10-jpeg.tar.gz`` archive). ImageNet: a folder with
+            ``train/<wnid>/`` and ``val/<wnid>/`` image folders.
         holdout: Training images held out (a fixed random subset) for the per-epoch validation.
         train_subset: Use only this many of the remaining training images (None: all).
         generated: A ``.npz`` of extra images (``image``: N x 32 x 32 x 3 uint8, ``label``: N), e.g. the
@@ -66,6 +73,18 @@ class DataConfig:
         crop_padding: Random crop after zero padding by this many pixels (0 disables).
         flip: Random horizontal flip.
         rotation: Random rotation by up to this many degrees (20 in Huang et al.'s CIFAR-100 recipe).
+        image_size: ImageNet: side of the training crops and of the evaluation images.
+        workers: ImageNet: data-loading processes per training process.
+        scale: ImageNet: area range of the random-resized crop.
+        ratio: ImageNet: aspect-ratio range of the random-resized crop.
+        interpolation: ImageNet: resize interpolation ('bicubic', 'bilinear').
+        randaugment: ImageNet: timm RandAugment spec, e.g. 'rand-m9-mstd0.5-inc1' (null: none).
+        color_jitter: ImageNet: colour-jitter strength (timm applies it only without RandAugment).
+        random_erasing: ImageNet: probability of erasing one random box with per-pixel noise.
+        mixup_alpha: Mixup's Beta(alpha, alpha) (0 disables mixup).
+        cutmix_alpha: CutMix's Beta(alpha, alpha) (0 disables CutMix).
+        mixup_prob: Probability that a batch is mixed at all.
+        mixup_switch_prob: With both enabled, probability of CutMix instead of mixup for a batch.
     """
 
     dataset: str = 'cifar10'
@@ -77,6 +96,23 @@ class DataConfig:
     crop_padding: int = 4
     flip: bool = True
     rotation: float = 0.0
+    image_size: int = 224
+    workers: int = 8
+    scale: List[float] = dataclasses.field(default_factory=lambda: [0.08, 1.0])
+    ratio: List[float] = dataclasses.field(default_factory=lambda: [3 / 4, 4 / 3])
+    interpolation: str = 'bicubic'
+    randaugment: Optional[str] = None
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+
+    @property
+    def mixing(self) -> bool:
+        """Whether batches are mixed (mixup or CutMix), i.e. the targets are soft."""
+        return self.mixup_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
 
 @dataclasses.dataclass
@@ -86,7 +122,8 @@ class ObjectiveConfig:
     Attributes:
         name: 'clean', 'pgd_at' (alias 'sat'), 'trades', 'mart' or 'score'.
         beta: Weight of the robust term (TRADES, MART, SCORE).
-        label_smoothing: Label smoothing of the (clean) cross-entropy / SCORE targets.
+        label_smoothing: Label smoothing of the (clean) cross-entropy / SCORE targets; with mixup/CutMix it
+            is applied to the mixed targets instead (as timm's ``Mixup``).
         clip_value: SCORE's robust-term clip.
         attack_bn: Batch-norm mode while the attack runs: 'eval' (running statistics; Huang et al.'s
             100-epoch recipes, Madry/TRADES/MART code) or 'train' (batch statistics, running statistics
@@ -105,18 +142,22 @@ class ObjectiveConfig:
 
 @dataclasses.dataclass
 class AttackConfig:
-    """The inner maximisation (PGD) used for training.
+    """The inner maximisation used for training.
 
     Attributes:
+        name: 'pgd' (fixed step size) or 'apgd' (Auto-PGD from the clean image, keeping the highest-loss
+            point; Singh et al. 2023's ImageNet training with 2 steps). APGD sets its own step sizes and
+            has no random start: it needs ``random_start: false`` and ignores ``step_size``/``init_std``.
         norm: 'Linf' or 'L2'.
         eps: Radius of the ball, in [0, 1] pixel units.
         step_size: PGD step size.
-        steps: PGD steps.
-        random_start: Start from a random point near the clean image.
+        steps: Attack steps.
+        random_start: Start PGD from a random point near the clean image.
         init_std: Std of a Gaussian random start (0.001 in TRADES' code, the step size in the authors'
             PGD-AT/MART codes); null starts uniformly in the eps ball.
     """
 
+    name: str = 'pgd'
     norm: str = 'Linf'
     eps: float = 8 / 255
     step_size: float = 2 / 255
@@ -127,23 +168,29 @@ class AttackConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """SGD.
+    """The optimiser: SGD or AdamW.
 
     Attributes:
+        name: 'sgd' or 'adamw' (decoupled weight decay).
         lr: Peak learning rate.
-        momentum: Momentum (the one-cycle schedule cycles it between 0.85 and 0.95, as torch's OneCycleLR).
-        nesterov: Nesterov momentum.
-        weight_decay: L2 weight decay.
-        decay_norm_params: Apply weight decay to normalisation-layer parameters too; False puts them in a
-            no-decay group (the Gowal/Rebuffi-style recipes).
+        momentum: SGD momentum (the one-cycle schedule cycles it between 0.85 and 0.95, as torch's OneCycleLR).
+        nesterov: SGD Nesterov momentum.
+        betas: AdamW's betas ((0.9, 0.95) in Singh et al.'s ImageNet recipe).
+        weight_decay: Weight decay (L2 for SGD, decoupled for AdamW).
+        no_weight_decay: Parameters that skip weight decay: 'none'; 'norm' (normalisation layers, the
+            Gowal/Rebuffi-style recipes); 'bias' (biases, Singh et al.'s ConvNeXt runs); '1d' (every
+            parameter with at most one dimension: biases, norm weights, layer scales; timm's rule and
+            Singh et al.'s ViT runs).
         grad_clip: Clip the global gradient norm to this value (None: no clipping).
     """
 
+    name: str = 'sgd'
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
+    betas: List[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 5e-4
-    decay_norm_params: bool = True
+    no_weight_decay: str = 'none'
     grad_clip: Optional[float] = None
 
 
@@ -156,7 +203,9 @@ class ScheduleConfig:
         interval: 'epoch' (update once per epoch, as the papers' code) or 'step'.
         milestones: Epochs (may be fractional) at which 'multistep' multiplies the rate by ``gamma``.
         gamma: Multi-step factor.
-        warmup_epochs: Linear warm-up from 0 for 'multistep', 'cosine' and 'constant'.
+        warmup_epochs: Linear warm-up for 'multistep', 'cosine' and 'constant'.
+        warmup_start: Fraction of the peak rate the warm-up starts from (0; 1e-4 in Singh et al.).
+        min_lr: Rate the 'cosine' schedule ends at (0; 5e-6 in Singh et al.).
         pct_start: Fraction of the run 'onecycle' spends rising (0.025 in the Gowal/Rebuffi recipes).
     """
 
@@ -165,6 +214,8 @@ class ScheduleConfig:
     milestones: List[float] = dataclasses.field(default_factory=lambda: [75, 90])
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+    warmup_start: float = 0.0
+    min_lr: float = 0.0
     pct_start: float = 0.025
 
 
@@ -264,7 +315,11 @@ class TrainConfig:
 RUN_CONTROL_KEYS = ('run.max_steps', 'run.checkpoint_every', 'run.progress', 'run.log_every', 'description')
 
 _CHOICES = {
-    'data.dataset': ('cifar10', 'cifar100'),
+    'data.dataset': ('cifar10', 'cifar100', 'imagenet'),
+    'data.interpolation': ('bicubic', 'bilinear'),
+    'attack.name': ('pgd', 'apgd'),
+    'optim.name': ('sgd', 'adamw'),
+    'optim.no_weight_decay': ('none', 'norm', 'bias', '1d'),
     'objective.attack_bn': ('eval', 'train'),
     'objective.bn_update': ('all', 'adversarial'),
     'attack.norm': ('Linf', 'L2'),
@@ -273,10 +328,16 @@ _CHOICES = {
     'eval.split': ('holdout', 'test'),
     'run.device': ('auto', 'cpu', 'cuda'),
 }
-_NON_NEGATIVE = ('data.holdout', 'data.crop_padding', 'data.rotation', 'objective.beta', 'objective.clip_value',
+_NON_NEGATIVE = ('data.holdout', 'data.crop_padding', 'data.rotation', 'data.workers', 'data.color_jitter',
+                 'data.mixup_alpha', 'data.cutmix_alpha', 'schedule.min_lr', 'objective.beta', 'objective.clip_value',
                  'attack.eps', 'attack.step_size', 'attack.steps', 'optim.weight_decay', 'optim.momentum',
                  'schedule.warmup_epochs', 'ema.warmup_epochs', 'eval.pgd_steps', 'eval.pgd_step_size')
-_POSITIVE = ('optim.lr', 'run.epochs', 'run.batch_size', 'eval.batch_size', 'eval.every', 'run.log_every')
+_POSITIVE = ('optim.lr', 'run.epochs', 'run.batch_size', 'eval.batch_size', 'eval.every', 'run.log_every',
+             'data.image_size')
+_PROBABILITIES = ('data.random_erasing', 'data.mixup_prob', 'data.mixup_switch_prob', 'schedule.warmup_start',
+                  'objective.label_smoothing')
+#: Objectives whose losses accept the soft targets of mixup/CutMix (cross-entropy based).
+SOFT_TARGET_OBJECTIVES = ('clean', 'pgd_at', 'trades')
 
 
 def _type_hints(cls: type) -> Dict[str, Any]:
@@ -379,6 +440,16 @@ def _validate(cfg: TrainConfig) -> None:
     for key in ('run.amp', 'run.channels_last'):
         if flat[key] not in (True, False, 'auto'):
             raise ConfigError(f"'{key}' must be true, false or 'auto', got {flat[key]!r}.")
+    for key in _PROBABILITIES:
+        if not 0.0 <= flat[key] <= 1.0:
+            raise ConfigError(f"'{key}' must be in [0, 1], got {flat[key]}.")
+    if cfg.attack.name == 'apgd' and cfg.attack.random_start:
+        raise ConfigError("attack.name 'apgd' starts from the clean image and has no random start; set "
+                          "attack.random_start=false.")
+    if cfg.schedule.min_lr >= cfg.optim.lr:
+        raise ConfigError(f"'schedule.min_lr' ({cfg.schedule.min_lr}) must be below 'optim.lr' ({cfg.optim.lr}).")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}.")
     if not 0.0 <= cfg.data.generated_fraction < 1.0:
         raise ConfigError(f"'data.generated_fraction' must be in [0, 1), got {cfg.data.generated_fraction}.")
     if cfg.data.generated_fraction > 0 and not cfg.data.generated:
@@ -399,6 +470,38 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"'objective.name': {e}") from None
     if objective.adversarial and cfg.attack.steps == 0 and not cfg.attack.random_start:
         raise ConfigError(f"objective '{objective.name}' needs an attack: set 'attack.steps' > 0.")
+    _validate_data(cfg)
+
+
+def _validate_data(cfg: TrainConfig) -> None:
+    """Checks the augmentation options against the dataset and the objective."""
+    data = cfg.data
+    if data.dataset == 'imagenet':
+        if data.generated:
+            raise ConfigError("'data.generated' (extra generated images) is for CIFAR; ImageNet runs take none.")
+        if data.rotation or data.crop_padding:
+            raise ConfigError("ImageNet runs crop with data.scale/data.ratio; set data.crop_padding=0 and "
+                              "data.rotation=0.")
+        if cfg.eval.max_examples is None:
+            raise ConfigError("ImageNet runs decode their evaluation images into memory; set eval.max_examples "
+                              "(e.g. --set eval.max_examples=1000).")
+        for key, value in (('data.scale', data.scale), ('data.ratio', data.ratio)):
+            if len(value) != 2 or not 0 < value[0] <= value[1]:
+                raise ConfigError(f"'{key}' must be [low, high] with 0 < low <= high, got {value}.")
+    else:
+        heavy = {'data.randaugment': data.randaugment, 'data.color_jitter': data.color_jitter,
+                 'data.random_erasing': data.random_erasing}
+        used = [k for k, v in heavy.items() if v]
+        if used:
+            raise ConfigError(f"{', '.join(used)} need data.dataset 'imagenet' (timm's PIL training transform); "
+                              f"CIFAR batches are augmented on the device with data.crop_padding, data.flip and "
+                              f"data.rotation.")
+    if data.mixing:
+        from .losses import get_objective
+        name = get_objective(cfg.objective.name).name
+        if name not in SOFT_TARGET_OBJECTIVES:
+            raise ConfigError(f"Mixup/CutMix produce soft targets, which objective '{name}' cannot take; use one of "
+                              f"{', '.join(SOFT_TARGET_OBJECTIVES)} or set data.mixup_alpha=0 and data.cutmix_alpha=0.")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:

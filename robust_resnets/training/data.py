@@ -7,11 +7,13 @@ each rank takes its contiguous slice of the globally planned batch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pickle
+import random
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from torch import Tensor
 from .config import DataConfig, EvalConfig
 
 __all__ = ['TrainingData', 'BatchPlan', 'load_training_data', 'load_generated', 'augment', 'derive_seed',
-           'NUM_CLASSES']
+           'seeded_global_rngs', 'NUM_CLASSES']
 
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
@@ -33,6 +35,25 @@ def derive_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy's SeedSequence)."""
     lo, hi = np.random.SeedSequence([int(p) for p in parts]).generate_state(2)
     return int((int(hi) << 31) ^ int(lo)) & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seeds python's ``random``, numpy's and torch's CPU generators for a block, restoring them after.
+
+    For library code that draws from the global generators (timm's transforms and ``Mixup``): its draws
+    become a function of ``seed`` without disturbing the caller's random streams.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % (1 << 32))
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _generator(*parts: int) -> torch.Generator:

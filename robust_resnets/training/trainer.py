@@ -36,12 +36,15 @@ from torch import Tensor
 from timm.utils import ModelEmaV3
 
 from .config import RUN_CONTROL_KEYS, ConfigError, TrainConfig, _flatten, config_from_dict, config_to_dict
-from .data import (BatchPlan, TrainingData, _EVAL, augment, derive_seed, gather_batch, load_training_data)
+from .data import (BatchPlan, TrainingData, _EVAL, augment, derive_seed, gather_batch, load_training_data,
+                   seeded_global_rngs)
+from .imagenet_data import ImageFolderTrainingData, ImageNetBatches, load_imagenet_training_data
 from .losses import Objective, get_objective
 
 __all__ = ['train', 'TrainingDiverged', 'WeightAverage', 'build_optimizer', 'build_scheduler', 'evaluate']
 
 CHECKPOINT_VERSION = 1
+_MIX = 6  # stream tag for derive_seed: the mixup/CutMix draws of a step
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -125,20 +128,29 @@ def _is_norm_param_owner(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or type(module).__name__.lower().endswith('norm2d')
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD over the model's parameters; normalisation parameters skip weight decay unless
-    ``optim.decay_norm_params``."""
+def _no_decay_ids(model: nn.Module, rule: str) -> set:
+    """ids of the parameters that ``optim.no_weight_decay`` exempts from weight decay."""
+    if rule == 'norm':
+        return {id(p) for m in model.modules() if _is_norm_param_owner(m) for p in m.parameters(recurse=False)}
+    if rule == 'bias':
+        return {id(p) for name, p in model.named_parameters() if name.endswith('bias')}
+    if rule == '1d':
+        return {id(p) for name, p in model.named_parameters() if p.ndim <= 1 or name.endswith('bias')}
+    return set()
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW over the model's parameters; those ``optim.no_weight_decay`` names form a group without
+    weight decay."""
     o = cfg.optim
-    norm_params = set()
-    if not o.decay_norm_params:
-        for module in model.modules():
-            if _is_norm_param_owner(module):
-                norm_params.update(id(p) for p in module.parameters(recurse=False))
-    decay = [p for p in model.parameters() if p.requires_grad and id(p) not in norm_params]
-    no_decay = [p for p in model.parameters() if p.requires_grad and id(p) in norm_params]
+    exempt = _no_decay_ids(model, o.no_weight_decay)
+    decay = [p for p in model.parameters() if p.requires_grad and id(p) not in exempt]
+    no_decay = [p for p in model.parameters() if p.requires_grad and id(p) in exempt]
     groups = [dict(params=decay, weight_decay=o.weight_decay)]
     if no_decay:
         groups.append(dict(params=no_decay, weight_decay=0.0))
+    if o.name == 'adamw':
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
 
 
@@ -153,14 +165,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, steps
                                                    pct_start=s.pct_start)
     warmup = s.warmup_epochs * per_epoch
     milestones = [m * per_epoch for m in s.milestones]
+    floor = s.min_lr / cfg.optim.lr
 
     def factor(t: int) -> float:
         if t < warmup:
-            return (t + 1) / warmup
+            return s.warmup_start + (1 - s.warmup_start) * (t + 1) / warmup
         if s.name == 'multistep':
             return s.gamma ** sum(t >= m for m in milestones)
         if s.name == 'cosine':
-            return 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(total - warmup, 1)))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(total - warmup, 1)))
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -372,7 +385,7 @@ def _hyper(cfg: TrainConfig, objective: Objective) -> Dict[str, float]:
 
 
 def train(cfg: TrainConfig, out_dir: Union[str, Path], *, resume: bool = False,
-          data: Optional[TrainingData] = None) -> Dict[str, Any]:
+          data: Optional[Union[TrainingData, ImageFolderTrainingData]] = None) -> Dict[str, Any]:
     """Runs (or resumes) a training recipe into ``out_dir``.
 
     Args:
@@ -397,7 +410,29 @@ def train(cfg: TrainConfig, out_dir: Union[str, Path], *, resume: bool = False,
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[TrainingData], d: _Dist) -> Dict[str, Any]:
+def _build_mixer(cfg: TrainConfig, num_classes: int, per_rank_batch: int):
+    """timm's Mixup for ``data.mixup_alpha``/``data.cutmix_alpha`` (None when batches are not mixed)."""
+    if not cfg.data.mixing:
+        return None
+    if per_rank_batch % 2:
+        raise ConfigError(f'Mixup/CutMix pair each image with another of the same process; the per-process batch '
+                          f'({per_rank_batch}) must be even. Change run.batch_size.')
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha, prob=cfg.data.mixup_prob,
+                 switch_prob=cfg.data.mixup_switch_prob, mode='batch', label_smoothing=cfg.objective.label_smoothing,
+                 num_classes=num_classes)
+
+
+def _load_data(cfg: TrainConfig) -> Union[TrainingData, ImageFolderTrainingData]:
+    if cfg.data.dataset == 'imagenet':
+        return load_imagenet_training_data(cfg.data, cfg.eval)
+    return load_training_data(cfg.data, cfg.eval)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[TrainingData, ImageFolderTrainingData]],
+           d: _Dist) -> Dict[str, Any]:
+    from robust_resnets.attacks.apgd import apgd_attack
     from robust_resnets.attacks.pgd import pgd_attack
 
     config_from_dict(config_to_dict(cfg))  # validate programmatic configs too
@@ -424,19 +459,27 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Trainin
     hyper = _hyper(cfg, objective)
 
     if data is None:
-        data = load_training_data(cfg.data, cfg.eval)
-    if cfg.data.generated_fraction > 0 and data.generated_images is None:
+        data = _load_data(cfg)
+    from_files = isinstance(data, ImageFolderTrainingData)
+    if from_files != (cfg.data.dataset == 'imagenet'):
+        raise ValueError(f"data.dataset is '{cfg.data.dataset}' but the data given are "
+                         f"{'image files' if from_files else 'in-memory tensors'}.")
+    generated = None if from_files else data.generated_images
+    if cfg.data.generated_fraction > 0 and generated is None:
         raise ValueError('data.generated_fraction > 0 but the data has no generated images.')
-    if device.type == 'cuda':  # the training set lives on the GPU; generated data stays in host memory
+    if device.type == 'cuda' and not from_files:  # the training set lives on the GPU; generated data stays in host memory
         data = dataclasses.replace(data, train_images=data.train_images.to(device),
                                    train_labels=data.train_labels.to(device))
-    plan = BatchPlan(n_train=data.train_images.shape[0],
-                     n_generated=0 if data.generated_images is None else data.generated_images.shape[0],
+    plan = BatchPlan(n_train=data.n_train if from_files else data.train_images.shape[0],
+                     n_generated=0 if generated is None else generated.shape[0],
                      batch_size=cfg.run.batch_size, generated_fraction=cfg.data.generated_fraction,
                      seed=cfg.run.seed, crop_padding=cfg.data.crop_padding, flip=cfg.data.flip,
                      rotation=cfg.data.rotation)
     spe = plan.steps_per_epoch
     total_steps = cfg.run.epochs * spe
+    mixer = _build_mixer(cfg, cfg.model.num_classes or data.num_classes, cfg.run.batch_size // d.world_size)
+    if mixer is not None and 'label_smoothing' in hyper:
+        hyper['label_smoothing'] = 0.0  # the mixed targets carry it
 
     torch.manual_seed(cfg.run.seed)
     raw = _create_model(cfg, data.num_classes).to(device)
@@ -512,6 +555,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Trainin
     last_eval: Dict[str, float] = {}
     status = 'finished'
     epoch_start = time.time()
+    file_batches = None
+    if from_files:
+        stop = total_steps if cfg.run.max_steps is None else min(total_steps, max(cfg.run.max_steps, step))
+        file_batches = iter(ImageNetBatches(data, cfg.data, plan=plan, start=step, stop=stop, rank=d.rank,
+                                            world_size=d.world_size, device=device))
     raw.train()
     try:
         while step < total_steps:
@@ -525,23 +573,35 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Trainin
                 for m in bns:
                     m.momentum = 1.0 if step == 0 else cfg.run.bn_momentum
             batch = plan.step(step, rank=d.rank, world_size=d.world_size)
-            images_u8, y = gather_batch(data, batch, device=device)
-            x = augment(images_u8, crop_offsets=batch.crop_offsets, crop_padding=cfg.data.crop_padding,
-                        flips=batch.flips, angles=batch.angles if cfg.data.rotation else None)
+            if file_batches is not None:
+                x, y = next(file_batches)
+            else:
+                images_u8, y = gather_batch(data, batch, device=device)
+                x = augment(images_u8, crop_offsets=batch.crop_offsets, crop_padding=cfg.data.crop_padding,
+                            flips=batch.flips, angles=batch.angles if cfg.data.rotation else None)
+            targets = y  # class indices, or the soft targets of mixed batches
+            if mixer is not None:
+                with seeded_global_rngs(derive_seed(cfg.run.seed, _MIX, step)):  # timm's Mixup draws from numpy
+                    x, targets = mixer(x, y)
+                y = targets.argmax(1)  # the dominant class, for the training accuracies
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
 
             x_adv = None
             if objective.adversarial:
                 with _attack_mode(raw, cfg.objective.attack_bn), _autocast(device, amp):
-                    target = y
+                    attack_targets = targets
                     if objective.attack_target == 'clean_probs':
                         with torch.no_grad():
-                            target = F.softmax(attack_net(x).float(), dim=1)
-                    x_adv = pgd_attack(attack_net, x, target, eps=cfg.attack.eps, steps=cfg.attack.steps,
-                                       step_size=cfg.attack.step_size, norm=cfg.attack.norm,
-                                       loss_fn=objective.attack_loss, random_start=cfg.attack.random_start,
-                                       init_std=cfg.attack.init_std, example_seeds=batch.attack_seeds)
+                            attack_targets = F.softmax(attack_net(x).float(), dim=1)
+                    if cfg.attack.name == 'apgd':
+                        x_adv = apgd_attack(attack_net, x, attack_targets, eps=cfg.attack.eps, steps=cfg.attack.steps,
+                                            norm=cfg.attack.norm, loss_fn=objective.attack_loss)
+                    else:
+                        x_adv = pgd_attack(attack_net, x, attack_targets, eps=cfg.attack.eps, steps=cfg.attack.steps,
+                                           step_size=cfg.attack.step_size, norm=cfg.attack.norm,
+                                           loss_fn=objective.attack_loss, random_start=cfg.attack.random_start,
+                                           init_std=cfg.attack.init_std, example_seeds=batch.attack_seeds)
             raw.train()
             with _autocast(device, amp):
                 clean_logits = adv_logits = None
@@ -551,7 +611,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Trainin
                         clean_logits = net(x)
                 if objective.adversarial:
                     adv_logits = net(x_adv)
-                loss = objective.loss(clean_logits, adv_logits, y, **hyper)
+                loss = objective.loss(clean_logits, adv_logits, targets, **hyper)
 
             finite = torch.isfinite(loss.detach()).to(torch.int32)
             if not bool(_all_reduce(finite, d, dist.ReduceOp.MIN if d.enabled else None).item()):
@@ -623,6 +683,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Trainin
     finally:
         if progress is not None:
             progress.close()
+        if file_batches is not None:
+            file_batches.close()  # stops the data-loading workers
 
     if status == 'stopped':
         if step % spe:  # the epoch-end checkpoint already holds this step otherwise
