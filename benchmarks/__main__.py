@@ -5,6 +5,7 @@ import sys
 BENCHMARKS = {
     'complexity': 'benchmarks.complexity',  # papers' #P/#F tables, measured vs printed (CPU, seconds)
     'accuracy': 'benchmarks.accuracy',      # papers' accuracy columns, evaluated where weights exist (GPU)
+    'speed': 'benchmarks.speed',            # training/inference speed and bf16 precision checks (GPU)
 }
 
 

@@ -69,6 +69,23 @@ def test_matches_pyautoattack(float64_default, act, eps_scale, norm, steps):
     assert not torch.equal(adv, x)
 
 
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+def test_inputs_outside_the_box_start_from_their_clamp_like_pyautoattack(float64_default, norm):
+    # random erasing in pixel mode writes N(0, 1) noise into training images
+    from pyautoattack.autopgd_base import APGDAttack
+    model = tiny_net('sine', torch.float64)
+    x, y = batch(dtype=torch.float64)
+    x[:, :, 2:6, 2:6] = torch.randn(x.shape[0], x.shape[1], 4, 4, dtype=torch.float64)
+    assert x.min() < 0 and x.max() > 1
+    for steps in (2, 5):
+        reference = APGDAttack(model, n_iter=steps, norm=norm, eps=EPS[norm], loss='ce', device='cpu', seed=0)
+        reference.init_hyperparam(x)
+        expected = reference.attack_single_run(x, y, x_init=x.clone())[0]
+        adv = apgd_attack(model, x, y, eps=EPS[norm], steps=steps, norm=norm)
+        torch.testing.assert_close(adv, expected, atol=1e-8, rtol=0)
+        assert adv.min() >= 0 and adv.max() <= 1
+
+
 def test_skips_the_last_backward_pass():
     counts = {'forward': 0, 'backward': 0}
 

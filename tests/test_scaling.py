@@ -36,6 +36,17 @@ def test_rule_tracks_the_budget():
     assert small.channels[0] == 16 and small.channels[1] == 16 * small.widths[0]
 
 
+def test_a0_is_the_rule_at_one_gmac_and_wrn_22_5_matches_its_macs():
+    from robust_resnets.complexity import count_macs, create_for_counting
+    from robust_resnets.models.preact_resnet import COMPACT_SCALING_CONFIGS
+    cfg = robust_scaling(1e9)
+    assert (cfg.depths, cfg.widths, cfg.source) == (COMPACT_SCALING_CONFIGS['a0']['depths'],
+                                                    COMPACT_SCALING_CONFIGS['a0']['widths'], 'rule')
+    a0 = count_macs(create_for_counting('robust_resnet_a0'), input_size=(3, 32, 32))
+    wrn = count_macs(create_for_counting('wrn_22_5'), input_size=(3, 32, 32))
+    assert a0 == cfg.macs and abs(wrn / a0 - 1) < 0.01
+
+
 def test_independent_scalings():
     d = scale_by_depth(5e9, widths=(10, 10, 10))
     assert d.widths == (10, 10, 10) and abs(d.macs / 5e9 - 1) < 0.1

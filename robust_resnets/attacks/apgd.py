@@ -78,11 +78,12 @@ def apgd_attack(
 
     Args:
         model: Classifier taking [0, 1] images.
-        images: Clean images, N x C x H x W in [0, 1].
+        images: Clean images, N x C x H x W in [0, 1]. Values outside the box (e.g. random erasing's noise)
+            are clamped into it for the first point, as in the references; the ball stays centred on them.
         labels: Class indices (N,) or soft targets (N x K class probabilities, e.g. after mixup/cutmix).
         eps: Radius of the threat model ball.
         steps: Iterations (forward passes after the clean one; the last one needs no backward pass).
-            0 returns the clean images.
+            0 returns the clean images (clamped to [0, 1]).
         norm: 'Linf' or 'L2'.
         loss_fn: Per-example loss to maximise, ``loss(logits, labels) -> (N,)``; 'ce' (index or soft
             labels) or 'cw' (index labels) built in.
@@ -98,13 +99,16 @@ def apgd_attack(
     _check_args(images, labels, eps=eps, steps=steps, norm=norm, loss_fn=loss_fn, rho=rho, momentum=momentum,
                 initial_step=initial_step)
     images = images.detach()
+    # the first point is the clean image clamped to the box, as in the references: training images may hold
+    # values outside [0, 1] (random erasing's noise), and every later iterate is clamped too
+    start = images.clamp(0, 1)
     if steps == 0:
-        return images.clone()
+        return start
     loss = resolve_loss(loss_fn)
     per_example = (-1,) + (1,) * (images.dim() - 1)
     step_size = torch.full((images.shape[0],), initial_step * eps, dtype=images.dtype, device=images.device)
 
-    x = images.clone()
+    x = start
     x_loss, grad = _loss_and_grad(model, loss, x, labels, with_grad=True)
     best, best_loss, best_grad = x.clone(), x_loss.clone(), grad.clone()
     x_prev = x
@@ -122,10 +126,10 @@ def apgd_attack(
 
     for i in range(steps):
         z = project(x + _step(grad, step_size=step_size.view(per_example), norm=norm), images, eps=eps, norm=norm)
-        if i == 0:  # the first update has no previous update to carry on
-            x_next = z
-        else:
-            x_next = project(x + momentum * (z - x) + (1 - momentum) * (x - x_prev), images, eps=eps, norm=norm)
+        a = 1.0 if i == 0 else momentum  # the first update has no previous update to carry on
+        # projected again even when a = 1, as in the references: for L2 around images outside the box,
+        # ball projection and box clamp do not commute, so the second projection moves the point
+        x_next = project(x + a * (z - x) + (1 - a) * (x - x_prev), images, eps=eps, norm=norm)
         x_prev, x = x, x_next
 
         last = i == steps - 1  # its gradient would never be used: skip the backward pass, as the references do

@@ -526,9 +526,10 @@ PANG2022 = dict(paper_ids='arXiv:2202.10103', paper_name='Robustness and Accurac
 
 default_cfgs = generate_default_cfgs({
     'preact_resnet': _cfg(),
-    **{f'robust_resnet_a{i}': _cfg(**HUANG2022) for i in range(1, 5)},
+    **{f'robust_resnet_a{i}': _cfg(**HUANG2022) for i in range(0, 5)},
     **{f'wrn_a{i}': _cfg(**HUANG2022) for i in range(1, 5)},
     **{name: _cfg(**HUANG2022) for name in ('wrn_28_10', 'wrn_34_10', 'wrn_34_12', 'wrn_46_14', 'wrn_70_16')},
+    'wrn_22_5': _cfg(),
     'wrn_34_r': _cfg(**HUANG2021),
     'wrn_28_10_swish': _cfg(**PANG2022),
     'wrn_70_16_swish': _cfg(**PANG2022),
@@ -541,6 +542,8 @@ ROBUST_SCALING_CONFIGS = {
     'a3': dict(depths=(22, 22, 11), widths=(8, 11, 5)),
     'a4': dict(depths=(27, 28, 13), widths=(10, 14, 6)),
 }
+#: This project's compact point of the same rule, ``robust_scaling(1e9)`` (0.97 GMACs; not in the paper).
+COMPACT_SCALING_CONFIGS = {'a0': dict(depths=(8, 7, 4), widths=(3, 4, 2))}
 #: RobustResBlock hyper-parameters of the released RobustResNets.
 ROBUST_RES_BLOCK_ARGS = dict(block_types='robust_res_block', scales=8, base_width=10, cardinality=4, se_reduction=64)
 
@@ -559,7 +562,7 @@ def preact_resnet(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
 
 
 def _robust_resnet(name: str, pretrained: bool, **kwargs: Any) -> PreActResNet:
-    args = dict(**ROBUST_SCALING_CONFIGS[name[-2:]], **ROBUST_RES_BLOCK_ARGS)
+    args = dict(**{**ROBUST_SCALING_CONFIGS, **COMPACT_SCALING_CONFIGS}[name[-2:]], **ROBUST_RES_BLOCK_ARGS)
     return _create_preact_resnet(name, pretrained, **dict(args, **kwargs))
 
 
@@ -571,6 +574,13 @@ def _wrn_a(name: str, pretrained: bool, **kwargs: Any) -> PreActResNet:
 def _wrn(name: str, depth: int, width: int, pretrained: bool, **kwargs: Any) -> PreActResNet:
     args = dict(depths=_wrn_depths(depth), widths=(width,) * 3, block_types='basic')
     return _create_preact_resnet(name, pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def robust_resnet_a0(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
+    """RobustResNet-A0 (3.79M params, 0.97G MACs): depths (8, 7, 4), widths (3, 4, 2); RobustScaling at 1 GMAC
+    (not in the paper: this project's compact model, compared with the equal-MACs ``wrn_22_5``)."""
+    return _robust_resnet('robust_resnet_a0', pretrained, **kwargs)
 
 
 @register_model
@@ -626,6 +636,12 @@ def wrn_a4(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
 def wrn_28_10(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Pre-activation WRN-28-10 (36.5M params, 5.20G MACs)."""
     return _wrn('wrn_28_10', 28, 10, pretrained, **kwargs)
+
+
+@register_model
+def wrn_22_5(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
+    """Pre-activation WRN-22-5 (6.71M params, 0.97G MACs): the basic-block WRN with RobustResNet-A0's MACs."""
+    return _wrn('wrn_22_5', 22, 5, pretrained, **kwargs)
 
 
 @register_model

@@ -312,7 +312,10 @@ class TrainConfig:
 
 
 #: Keys that steer the execution of a run but not its result: a resumed run may change them.
-RUN_CONTROL_KEYS = ('run.max_steps', 'run.checkpoint_every', 'run.progress', 'run.log_every', 'description')
+RUN_CONTROL_KEYS = ('run.max_steps', 'run.checkpoint_every', 'run.progress', 'run.log_every', 'description',
+                    'data.root', 'data.workers')
+#: Keys that were renamed: the old name, and what to write instead.
+_RENAMED = {'optim.decay_norm_params': "optim.no_weight_decay ('norm' for decay_norm_params: false, 'none' for true)"}
 
 _CHOICES = {
     'data.dataset': ('cifar10', 'cifar100', 'imagenet'),
@@ -401,6 +404,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _unknown_key(key: str, valid: Sequence[str]) -> ConfigError:
+    if key in _RENAMED:
+        return ConfigError(f"Config key '{key}' was replaced by {_RENAMED[key]}.")
     leaf = key.rsplit('.', 1)[-1]
     close = difflib.get_close_matches(leaf, valid, n=1)
     hint = f" Did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" if close else ''

@@ -3,7 +3,9 @@
 Every random choice of a training step (which images, which generated images, crops, flips,
 rotations, attack starts) is a function of ``(seed, step)`` alone. A run therefore resumes
 exactly from its step counter, and a DDP run sees the same global batch as a single process:
-each rank takes its contiguous slice of the globally planned batch.
+each rank takes its contiguous slice of the globally planned batch. (Mixup/CutMix then mix within
+each process's slice, with draws of ``(seed, step, rank)``: mixed runs still resume exactly, but
+depend on the number of processes.)
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
             np.random.seed(seed % (1 << 32))
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only (torch.manual_seed seeds CUDA too)
             yield
     finally:
         random.setstate(py_state)

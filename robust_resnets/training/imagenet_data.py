@@ -75,6 +75,10 @@ def load_imagenet_training_data(data_cfg: DataConfig, eval_cfg: EvalConfig) -> I
         rest = rest[:data_cfg.train_subset]
     n_eval = eval_cfg.max_examples
     if eval_cfg.split == 'test':
+        if not (root / 'val').is_dir():
+            raise FileNotFoundError(f"eval.split is 'test' but {root} has no val/<wnid>/ folder; add the validation "
+                                    f"images there, or evaluate held-out training images with --set eval.split=holdout "
+                                    f"--set data.holdout=1000.")
         eval_images, eval_labels = load_imagenet_tensors(root=root, n_examples=n_eval, subset='all',
                                                          resolution=data_cfg.image_size,
                                                          interpolation=data_cfg.interpolation, progress=False)
@@ -160,8 +164,7 @@ class ImageNetBatches:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=_StepBatches(plan, start, stop, rank, world_size),
             num_workers=data_cfg.workers, pin_memory=self.device.type == 'cuda',
-            persistent_workers=False, prefetch_factor=4 if data_cfg.workers else None,
-            generator=torch.Generator())  # its own: the items seed themselves; the global stream stays untouched
+            persistent_workers=False, generator=torch.Generator())  # its own: the items seed themselves; the global stream stays untouched
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
         for x, y in self.loader:

@@ -581,7 +581,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
                             flips=batch.flips, angles=batch.angles if cfg.data.rotation else None)
             targets = y  # class indices, or the soft targets of mixed batches
             if mixer is not None:
-                with seeded_global_rngs(derive_seed(cfg.run.seed, _MIX, step)):  # timm's Mixup draws from numpy
+                # timm's Mixup draws from numpy; each process mixes its own share (pairs and draws), as in
+                # the authors' and timm's DDP training, so mixed runs depend on the number of processes
+                with seeded_global_rngs(derive_seed(cfg.run.seed, _MIX, step, d.rank)):
                     x, targets = mixer(x, y)
                 y = targets.argmax(1)  # the dominant class, for the training accuracies
             if channels_last:
