@@ -10,6 +10,8 @@
   pass and 11 passes per image.
 * ``precision``: robust accuracy (PGD-20, APGD-CE) of one model on the same images in fp32 and through
   the bf16/channels_last path: does the fast path change the result beyond noise?
+* ``autoattack``: AutoAttack (standard) on the first CIFAR-10 test images, :func:`robust_resnets.evaluation.evaluate`
+  against ``robustbench.eval.benchmark`` at its default batch size (through our adapter): time and robust accuracy.
 * ``matmul``: the measured bf16 matrix-product rate (the ceiling ``train`` reports against).
 
 Each writes a JSON file (``--out``) with the device, versions, date and command beside its table.
@@ -261,6 +263,44 @@ def precision_check(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     return out
 
 
+# --- AutoAttack: ours vs RobustBench ------------------------------------------------------------------
+def autoattack_speed(model: nn.Module, *, data_dir: str, n_examples: int, device: torch.device, eps: float = 8 / 255,
+                     batch_size: Optional[int] = None, robustbench_batch_size: int = 32) -> Dict[str, Any]:
+    """Seconds and accuracies of AutoAttack standard on the first ``n_examples`` CIFAR-10 test images, ours
+    (fp32, automatic batch size unless ``batch_size``) and RobustBench's ``benchmark`` (its default batch 32)."""
+    from robust_resnets.data.cifar import load_cifar_tensors
+    from robust_resnets.evaluation import evaluate
+    from robust_resnets.evaluation.robustbench_adapter import benchmark
+
+    model = model.to(device).eval()
+    images, labels = load_cifar_tensors(root=data_dir, dataset='cifar10', split='test')
+    images, labels = images[:n_examples], labels[:n_examples]
+    _sync(device)
+    start = time.perf_counter()
+    ours = evaluate(model, images, labels, attacks='clean,aa', eps=eps, device=device, batch_size=batch_size,
+                    progress=False, check_masking=False)
+    _sync(device)
+    ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rb_clean, rb_robust = benchmark(model, n_examples=n_examples, dataset='cifar10', threat_model='Linf', eps=eps,
+                                    data_dir=data_dir, device=device, batch_size=robustbench_batch_size)
+    _sync(device)
+    rb_s = time.perf_counter() - start
+    return {'n_examples': n_examples, 'eps': eps,
+            'ours': {'seconds': ours_s, 'clean': ours.accuracy['clean'], 'autoattack': ours.accuracy['aa']},
+            'robustbench': {'seconds': rb_s, 'clean': rb_clean, 'autoattack': rb_robust,
+                            'batch_size': robustbench_batch_size},
+            'speedup': rb_s / ours_s}
+
+
+def _load_trained(name: str, weights: str, model_kwargs: Dict[str, Any]) -> nn.Module:
+    import timm
+
+    import robust_resnets  # noqa: F401
+
+    return timm.create_model(name, pretrained=True, **model_kwargs, pretrained_cfg_overlay=dict(file=str(weights)))
+
+
 # --- command line --------------------------------------------------------------------------------------
 def _models(pattern: str) -> List[str]:
     from robust_resnets.models import list_models
@@ -274,7 +314,7 @@ def _models(pattern: str) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m benchmarks speed', description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest='what', required=True)
-    for name in ('throughput', 'train', 'precision', 'matmul'):
+    for name in ('throughput', 'train', 'precision', 'autoattack', 'matmul'):
         p = sub.add_parser(name)
         p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
         p.add_argument('--out', default=None, help='write the result JSON here')
@@ -291,14 +331,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.add_argument('--warmup', type=int, default=3)
             p.add_argument('--compile', action='store_true', help='torch.compile in the package loop')
             p.add_argument('--peak-tflops', type=float, default=None, help='skip measuring the bf16 rate')
-        if name == 'precision':
+        if name in ('precision', 'autoattack'):
             p.add_argument('--model', required=True, help='registered model name')
             p.add_argument('--weights', required=True, help='.safetensors of the model')
             p.add_argument('--data-dir', required=True, help='CIFAR-10 (e.g. cifar10-jpeg.tar.gz)')
             p.add_argument('--n-examples', type=int, default=1000)
             p.add_argument('--eps', type=float, default=8 / 255)
-            p.add_argument('--attacks', default='clean,pgd20,aa:apgd-ce')
             p.add_argument('--batch-size', type=int, default=None)
+        if name == 'precision':
+            p.add_argument('--attacks', default='clean,pgd20,aa:apgd-ce')
     args = parser.parse_args(argv)
     device = _resolve_device(args.device)
     model_kwargs = json.loads(args.model_kwargs)
@@ -332,13 +373,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                       f"{row['ours_img_s']:9.1f} img/s, x{row['speedup']:.2f}"
                       + (f", {100 * frac:.1f}% of the bf16 peak" if frac is not None else ''), flush=True)
         result = {'bf16_matmul_tflops': peak, 'rows': rows}
+    elif args.what == 'autoattack':
+        result = autoattack_speed(_load_trained(args.model, args.weights, model_kwargs), data_dir=args.data_dir,
+                                  n_examples=args.n_examples, device=device, eps=args.eps, batch_size=args.batch_size)
+        for who in ('ours', 'robustbench'):
+            r = result[who]
+            print(f"{who:12s} {r['seconds']:8.1f} s  clean {100 * r['clean']:6.2f}  AutoAttack {100 * r['autoattack']:6.2f}")
+        print(f"speed-up x{result['speedup']:.2f}")
     else:
-        import timm
-
         from robust_resnets.data.cifar import load_cifar_tensors
 
-        model = timm.create_model(args.model, pretrained=True, **model_kwargs,
-                                  pretrained_cfg_overlay=dict(file=str(args.weights)))
+        model = _load_trained(args.model, args.weights, model_kwargs)
         images, labels = load_cifar_tensors(root=args.data_dir, dataset='cifar10', split='test')
         result = precision_check(model, images[:args.n_examples], labels[:args.n_examples], eps=args.eps,
                                  device=device, attacks=args.attacks, batch_size=args.batch_size)

@@ -69,3 +69,25 @@ def test_command_line_writes_its_environment(tmp_path):
     assert [r['model'] for r in payload['rows']] == ['preact_resnet']
     with pytest.raises(SystemExit, match='matches no registered model'):
         speed.main(['throughput', '--device', 'cpu', '--models', 'nope*'])
+
+
+@pytest.mark.skipif(__import__('importlib').util.find_spec('robustbench') is None,
+                    reason='robustbench is not installed (optional extra: pip install robust-resnets[robustbench])')
+def test_autoattack_ours_against_robustbench_on_cpu(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks import speed
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    rng = np.random.default_rng(0)
+    for c in ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'):
+        (tmp_path / 'cifar' / 'test' / c).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / 'cifar' / 'test' / c / '0.png')
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    out = speed.autoattack_speed(model, data_dir=str(tmp_path / 'cifar'), n_examples=10, device=CPU, batch_size=10,
+                                 robustbench_batch_size=10)
+    assert out['ours']['seconds'] > 0 and out['robustbench']['seconds'] > 0
+    # the same images and the same attacks: the same clean accuracy, and AutoAttack agrees on this model
+    assert out['ours']['clean'] == pytest.approx(out['robustbench']['clean'])
+    assert out['ours']['autoattack'] == pytest.approx(out['robustbench']['autoattack'])
