@@ -317,3 +317,23 @@ def test_real_imagenet_sample_through_the_heavy_augmentations(tmp_path):
     (x, y), = list(ImageNetBatches(data, cfg.data, plan=plan, start=0, stop=1))
     assert x.shape == (16, 3, 64, 64) and y.shape == (16,) and len(set(y.tolist())) > 1
     assert data.eval_images.shape == (8, 3, 64, 64)
+
+
+def test_randaugment_posterize_takes_zero_bits_like_the_pillow_the_recipes_used():
+    # timm's 'inc1' posterize keeps 0 bits at the top magnitude; Pillow >= 10 refuses that, older Pillow
+    # returned a black image, and a 224 px Singh et al. batch of 1,920 images hit it here once
+    from PIL import ImageOps
+    from timm.data.auto_augment import RandAugment
+
+    from robust_resnets.training.imagenet_data import imagenet_train_transform, posterize_keeping_any_bits
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    assert np.asarray(posterize_keeping_any_bits(img, 0)).max() == 0
+    assert np.array_equal(np.asarray(posterize_keeping_any_bits(img, 3)), np.asarray(ImageOps.posterize(img, 3)))
+    assert posterize_keeping_any_bits(img, 8) is img
+    transform = imagenet_train_transform(load_config('singh2023_vit_s').data)
+    ops = [op for t in transform.transforms if isinstance(t, RandAugment) for op in t.ops]
+    posterize = [op for op in ops if 'Posterize' in op.name]
+    assert posterize and all(op.aug_fn is posterize_keeping_any_bits for op in posterize)
+    for op in posterize:  # the top magnitude, where 0 bits are asked for
+        op.magnitude, op.magnitude_std, op.prob = 10, 0, 1.0
+        assert np.asarray(op(img)).max() == 0

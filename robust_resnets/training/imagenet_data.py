@@ -94,21 +94,51 @@ def load_imagenet_training_data(data_cfg: DataConfig, eval_cfg: EvalConfig) -> I
                                    eval_labels, len(index))
 
 
+def posterize_keeping_any_bits(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """RandAugment's posterize for 0 to 8 kept bits, 0 giving a black image as Pillow gave before 10.x.
+
+    timm's increasing-magnitude posterize (``inc1``) asks for 0 bits at the top magnitude, which recent
+    Pillow refuses ("bits must be between or equal to 1 and 8"); the recipes were trained with Pillow
+    versions that returned a black image there.
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _posterize_with_any_bits(transform: Callable) -> None:
+    """Points the posterize operations of every RandAugment in a transform at :func:`posterize_keeping_any_bits`."""
+    from timm.data.auto_augment import RandAugment, posterize
+
+    for t in getattr(transform, 'transforms', ()):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.aug_fn is posterize:
+                    op.aug_fn = posterize_keeping_any_bits
+
+
 def imagenet_train_transform(data_cfg: DataConfig) -> Callable[[Image.Image], Tensor]:
     """timm's ImageNet training transform returning [0, 1] tensors (no standardisation: models take pixels).
 
     Random-resized crop (``scale``, ``ratio``, ``interpolation``), horizontal flip (``flip``),
     RandAugment (``randaugment``) or colour jitter (``color_jitter``), random erasing with per-pixel
-    normal noise (``random_erasing``).
+    normal noise (``random_erasing``). RandAugment's posterize accepts 0 kept bits
+    (:func:`posterize_keeping_any_bits`).
     """
     from timm.data import create_transform
 
-    return create_transform(
+    transform = create_transform(
         input_size=data_cfg.image_size, is_training=True, scale=tuple(data_cfg.scale), ratio=tuple(data_cfg.ratio),
         hflip=0.5 if data_cfg.flip else 0.0, vflip=0.0, color_jitter=data_cfg.color_jitter or None,
         auto_augment=data_cfg.randaugment, interpolation=data_cfg.interpolation,
         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
         re_prob=data_cfg.random_erasing, re_mode='pixel', re_count=1)
+    _posterize_with_any_bits(transform)
+    return transform
 
 
 class _SeededImages(torch.utils.data.Dataset):
