@@ -334,9 +334,17 @@ def test_robustbench_builds_share_our_keys():
                                           reason='robustbench is not importable here',
                                           exc_type=ImportError)
     for rb_name, ours in [('vit_s_cvst', 'vit_small_convstem'), ('convnext_t_cvst', 'convnext_tiny_convstem')]:
-        with torch.device('meta'):
-            ref = convstem_models.get_convstem_models(rb_name)
-        model = _meta(ours)
+        try:
+            with torch.device('meta'):
+                ref = convstem_models.get_convstem_models(rb_name)
+        except RuntimeError as e:  # timm 1.0.9 (robustbench's pin) reads tensor values while building a ViT
+            if 'meta' not in str(e):
+                raise
+            ref = convstem_models.get_convstem_models(rb_name)  # on the CPU: 23M / 29M parameters
+        try:
+            model = _meta(ours)
+        except pytest.skip.Exception:
+            model = timm.create_model(ours)
         converted = checkpoint_filter_fn(ref.state_dict(), model)
         assert set(converted) == set(model.state_dict())
         assert all(converted[k].shape == v.shape for k, v in model.state_dict().items())

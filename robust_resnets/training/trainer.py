@@ -12,7 +12,9 @@
 
 Under ``torchrun`` every process trains its slice of each global batch (gloo on CPU, NCCL on GPU);
 all random choices derive from ``(seed, step)``, so a resumed run, or a run on another number of
-processes, sees the same batches, augmentations and attack starts.
+processes, sees the same batches, augmentations and attack starts. Mixup/CutMix are the exception:
+each process mixes within its own slice (as timm's and the authors' DDP training), so mixed runs
+resume exactly but depend on the number of processes.
 """
 from __future__ import annotations
 
