@@ -42,7 +42,7 @@ from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.vision_transformer import VisionTransformer
 
 from ..weights import resolve_pretrained_kwargs
-from .layers import InputNormalize, strip_checkpoint_wrappers
+from .layers import ClassifierHeadMixin, InputNormalize, strip_checkpoint_wrappers
 
 __all__ = [
     'StemLayerNorm2d', 'ConvStem', 'ConvStemPatchEmbed', 'ConvStemVisionTransformer', 'ConvStemConvNeXt', 'ConvNeXtIsotropic',
@@ -203,7 +203,7 @@ class ConvStemConvNeXt(ConvNeXt):
         return super().forward_intermediates(self.normalize(x), *args, **kwargs)
 
 
-class ConvNeXtIsotropic(nn.Module):
+class ConvNeXtIsotropic(ClassifierHeadMixin, nn.Module):
     """Isotropic ConvNeXt (Liu et al. 2022, section 3.3) behind a :class:`ConvStem`, from timm's ``ConvNeXtBlock``.
 
     The authors' isotropic ConvNeXt-S: one resolution (stride 16) and width throughout, blocks of
@@ -275,14 +275,6 @@ class ConvNeXtIsotropic(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(self.normalize(x))

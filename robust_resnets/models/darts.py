@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch.utils.checkpoint import checkpoint
 
 from ..weights import resolve_pretrained_kwargs
-from .layers import strip_checkpoint_wrappers
+from .layers import ClassifierHeadMixin, strip_checkpoint_wrappers
 
 __all__ = [
     'Genotype', 'GENOTYPES', 'DARTS_CONFIGS', 'OPS', 'ReLUConvBN', 'SepConv', 'DilConv', 'Conv7x1x7', 'Zero',
@@ -265,7 +265,7 @@ def resolve_genotype(genotype: Union[str, Genotype, Mapping[str, Any], Sequence[
 STEM_TYPES = ('cifar', 'imagenet')
 
 
-class CellNetwork(nn.Module):
+class CellNetwork(ClassifierHeadMixin, nn.Module):
     """Stem, cell stack and classifier head shared by the DARTS-style families.
 
     Subclasses implement :meth:`_make_cell`. The 'cifar' stem is a 3x3 convolution to
@@ -360,14 +360,6 @@ class CellNetwork(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         s0 = self.stem(x)

@@ -10,7 +10,8 @@ from timm.layers import LayerNorm2d, get_act_layer
 
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CIFAR100_MEAN', 'CIFAR100_STD',
-    'InputNormalize', 'resolve_act_layer', 'resolve_norm_layer', 'LayerType', 'strip_checkpoint_wrappers',
+    'InputNormalize', 'ClassifierHeadMixin', 'resolve_act_layer', 'resolve_norm_layer', 'LayerType',
+    'strip_checkpoint_wrappers',
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -19,6 +20,19 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 LayerType = Union[str, Callable[..., nn.Module], Type[nn.Module]]
+
+
+class ClassifierHeadMixin:
+    """timm's ``get_classifier``/``reset_classifier`` for a model whose ``head`` is a timm ``ClassifierHead``
+    (or ``NormMlpClassifierHead``): the head rebuilds its pooling and classifier itself."""
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
 
 
 class InputNormalize(nn.Module):

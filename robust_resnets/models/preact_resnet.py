@@ -28,7 +28,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from ..weights import resolve_pretrained_kwargs
 from .layers import (
-    CIFAR10_MEAN, CIFAR10_STD, InputNormalize, LayerType, resolve_act_layer, resolve_norm_layer,
+    CIFAR10_MEAN, CIFAR10_STD, ClassifierHeadMixin, InputNormalize, LayerType, resolve_act_layer, resolve_norm_layer,
     strip_checkpoint_wrappers,
 )
 
@@ -252,7 +252,7 @@ def _per_stage(value: Any, n: int, name: str) -> Tuple[Any, ...]:
     return (value,) * n
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(ClassifierHeadMixin, nn.Module):
     """Generic pre-activation ResNet for small images (the authors' ``PreActResNet`` / WRN builder).
 
     Args:
@@ -378,14 +378,6 @@ class PreActResNet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
