@@ -210,13 +210,9 @@ def package_loop_img_s(name: str, *, device: torch.device, batch_size: int, step
 def training_speed(name: str, *, device: torch.device, batch_size: int, steps: int, warmup: int, compile: bool,
                    peak_tflops: Optional[float], model_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Both loops on one model and batch size, with speed-up and fractions of the measured bf16 rate."""
-    from robust_resnets.complexity import count_macs
+    from robust_resnets.complexity import count_macs, create_for_counting
 
-    import timm
-
-    import robust_resnets  # noqa: F401
-
-    macs = count_macs(timm.create_model(name, **(model_kwargs or {})), input_size=(3, 32, 32))
+    macs = count_macs(create_for_counting(name, **(model_kwargs or {})), input_size=(3, 32, 32))
     plain = plain_loop_img_s(name, device=device, batch_size=batch_size, warmup=warmup, iters=steps,
                              model_kwargs=model_kwargs)
     ours = package_loop_img_s(name, device=device, batch_size=batch_size, steps=steps, compile=compile,

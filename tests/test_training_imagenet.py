@@ -26,23 +26,16 @@ TINY_CIFAR = {'name': 'preact_resnet', 'kwargs': {'depths': [1, 1, 1], 'widths':
 
 
 def _imagenet_cfg(root, **sections):
-    values = {
-        'base_recipe': 'singh2023_vit_s',
-        'model': TINY_VIT,
-        'data': {'root': str(root), 'image_size': 32, 'workers': 0},
-        'eval': {'max_examples': 8, 'batch_size': 8, 'pgd_steps': 1, 'every': 1},
-        'run': {'epochs': 1, 'batch_size': 8, 'progress': False},
-    }
-    for name, section in sections.items():
-        values[name] = {**values.get(name, {}), **section}
-    base = load_config(values.pop('base_recipe'))
-    from robust_resnets.training.config import apply_overrides, config_to_dict
-    merged = config_to_dict(base)
-    overrides = []
-    for name, section in values.items():
-        for key, value in section.items():
-            overrides.append(f'{name}.{key}={json.dumps(value)}')
-    return config_from_dict(apply_overrides(merged, overrides))
+    """The ViT-S recipe on a tiny ViT, small batches and images; ``sections`` update it key by key."""
+    from robust_resnets.training.config import config_to_dict
+    values = config_to_dict(load_config('singh2023_vit_s'))
+    small = {'model': TINY_VIT, 'data': {'root': str(root), 'image_size': 32, 'workers': 0},
+             'eval': {'max_examples': 8, 'batch_size': 8, 'pgd_steps': 1, 'every': 1},
+             'run': {'epochs': 1, 'batch_size': 8, 'progress': False}}
+    for changes in (small, sections):
+        for name, section in changes.items():
+            values[name] = {**values[name], **section}
+    return config_from_dict(values)
 
 
 def _fake_imagenet(root: Path, *, classes: int = 4, per_class: int = 6, size: int = 40) -> Path:
