@@ -203,6 +203,15 @@ BROKEN = [
     ('numbers without source', lambda e: e['reported'].pop('source'), 'reported.source'),
     ('no locations', lambda e: e['original'].update(locations=[]), 'non-empty "locations"'),
     ('num_classes in model_args', lambda e: e.update(model_args={'num_classes': 10}), 'must not set num_classes'),
+    ('package file outside', lambda e: e.update(package_file='../x/model.safetensors', sha256='a' * 64, size=1),
+     'package_file must be a relative path'),
+    ('package file absolute', lambda e: e.update(package_file='/x/model.safetensors', sha256='a' * 64, size=1),
+     'package_file must be a relative path'),
+    ('package file pickle', lambda e: e.update(package_file='x/model.pth', sha256='a' * 64, size=1),
+     'package_file must be a relative path'),
+    ('package file without sha', lambda e: e.update(package_file='x/model.safetensors'),
+     'package_file needs its sha256 and size'),
+    ('unknown origin', lambda e: e.update(origin='me'), 'origin must be one of'),
 ]
 
 

@@ -15,6 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--to', required=True, metavar='NAME.TAG', help='manifest entry, e.g. robust_resnet_a1.cifar10_trades')
     parser.add_argument('--out', required=True, metavar='DIR', help='folder to write into (created if needed)')
     parser.add_argument('--layout', default=None, help='key layout of the original (default: detected)')
+    parser.add_argument('--dtype', default=None, choices=('float32', 'float16', 'bfloat16'),
+                        help="storage dtype of the floating-point tensors (default: the model's float32)")
     parser.add_argument('--overwrite', action='store_true', help='replace files already in --out')
     parser.set_defaults(func=run)
 
@@ -22,13 +24,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import robust_resnets  # noqa: F401  (registers the architectures)
     from robust_resnets.weights.convert import convert_checkpoint
-    from robust_resnets.weights.manifest import get_weights
+    from robust_resnets.weights.manifest import PACKAGED_WEIGHTS_DIR, get_weights
 
     result = convert_checkpoint(args.checkpoint, name=args.to, out_dir=args.out, layout=args.layout,
-                                overwrite=args.overwrite)
+                                dtype=args.dtype, overwrite=args.overwrite)
     print(f'Wrote {result.out_dir}/model.safetensors, config.json, README.md '
           f'(layout {result.layout}; sha256 {result.sha256}; {result.size} bytes).')
-    print(f'After `robust-resnets publish {result.out_dir} --repo-id {result.entry["hf_hub"]["repo_id"]}`, set this '
-          f'entry in {get_weights(result.name).source_file}:')
-    print(json.dumps({result.name: result.entry}, indent=2))
+    weights = get_weights(result.name)
+    entry = dict(result.entry)
+    out_dir = result.out_dir.resolve()
+    if PACKAGED_WEIGHTS_DIR in out_dir.parents:  # shipped inside the package, not (yet) on the Hub
+        entry.update(package_file=(out_dir / 'model.safetensors').relative_to(PACKAGED_WEIGHTS_DIR).as_posix(),
+                     published=weights.published)
+        print(f'To ship it inside the package, set this entry in {weights.source_file}:')
+    else:
+        print(f'After `robust-resnets publish {result.out_dir} --repo-id {entry["hf_hub"]["repo_id"]}`, set this '
+              f'entry in {weights.source_file} (or, to ship it inside the package, convert with --out '
+              f'{PACKAGED_WEIGHTS_DIR}/{result.name}):')
+    print(json.dumps({result.name: entry}, indent=2))
     return 0

@@ -24,6 +24,8 @@ from .manifest import PretrainedWeights, get_weights
 __all__ = ['ConversionResult', 'load_original_checkpoint', 'family_module', 'convert_checkpoint', 'model_card']
 
 OUTPUT_FILES = ('model.safetensors', 'config.json', 'README.md')
+#: Storage dtypes of ``convert_checkpoint(dtype=...)``: floating-point tensors are cast, integer buffers kept.
+STORAGE_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 _HUB_DATASETS = {'cifar10': ('cifar10', 'CIFAR-10'), 'cifar100': ('cifar100', 'CIFAR-100'),
                  'svhn': ('svhn', 'SVHN'), 'imagenet': ('imagenet-1k', 'ImageNet-1k')}
 _METRIC_NAMES = {'clean': 'Clean accuracy', 'pgd20': 'PGD-20 robust accuracy', 'cw40': 'CW-40 robust accuracy',
@@ -148,24 +150,39 @@ def model_card(weights: PretrainedWeights, *, sha256: str, source_sha256: str) -
     metrics = [{'type': 'accuracy', 'name': f'{_METRIC_NAMES[k]}' + (f' ({threat})' if k != 'clean' else ''),
                 'value': rep[k]} for k in _METRIC_NAMES if rep.get(k) is not None]
     if metrics:
-        meta['model-index'] = [{'name': weights.name, 'results': [{
+        result: Dict[str, Any] = {
             'task': {'type': 'image-classification', 'name': 'Image Classification'},
             'dataset': {'type': hub_ds, 'name': ds_name, 'split': 'test'},
             'metrics': metrics,
-            'source': {'name': f"{weights.paper['title']} (reported)",
-                       'url': f"https://arxiv.org/abs/{weights.paper['arxiv']}"},
-        }]}]
+        }
+        if not weights.trained_here:
+            result['source'] = {'name': f"{weights.paper['title']} (reported)",
+                                'url': f"https://arxiv.org/abs/{weights.paper['arxiv']}"}
+        meta['model-index'] = [{'name': weights.name, 'results': [result]}]
     rows = '\n'.join(f'| {_METRIC_NAMES[k]} | {rep[k] if rep.get(k) is not None else "not reported"} |'
                      for k in _METRIC_NAMES)
     norm = weights.normalization
     norm_text = (f"inside the model (mean {tuple(norm['mean'])}, std {tuple(norm['std'])})" if norm['inside_model']
                  else 'none')
+    paper_ref = f"\"{weights.paper['title']}\" (arXiv [{weights.paper['arxiv']}](https://arxiv.org/abs/{weights.paper['arxiv']}))"
+    if weights.trained_here:
+        intro = (f'{weights.architecture} (architecture from {paper_ref}) adversarially trained on {ds_name} by '
+                 f'robust-resnets ({weights.training}), for [timm](https://github.com/huggingface/pytorch-image-models).')
+        numbers_title, numbers_note = 'Measured numbers', 'Measured by robust-resnets, not taken from a paper.'
+        provenance = (f"- Trained by robust-resnets: {'; '.join(weights.original['locations'])}\n"
+                      f"- sha256 of the training run's weights file: `{source_sha256}`")
+    else:
+        intro = (f'{weights.architecture} trained on {ds_name} ({weights.training}), from {paper_ref}, converted to '
+                 f'safetensors for [timm](https://github.com/huggingface/pytorch-image-models) by robust-resnets.')
+        numbers_title, numbers_note = 'Reported numbers', "These are the authors' numbers, not measured here."
+        provenance = (f"- Original checkpoint ({weights.original['layout']} layout): "
+                      f"{'; '.join(weights.original['locations'])}\n"
+                      f"- sha256 of the original file: `{source_sha256}`")
+    notes = f'\n## Notes\n\n{weights.notes}\n' if weights.notes else ''
     body = f"""
 # {weights.name}
 
-{weights.architecture} trained on {ds_name} ({weights.training}), from "{weights.paper['title']}"
-(arXiv [{weights.paper['arxiv']}](https://arxiv.org/abs/{weights.paper['arxiv']})), converted to safetensors for
-[timm](https://github.com/huggingface/pytorch-image-models) by robust-resnets.
+{intro}
 
 - Threat model: {threat}
 - Extra training data: {weights.extra_data or 'none'}
@@ -181,18 +198,17 @@ import robust_resnets  # registers the architectures and this tag
 model = timm.create_model('{weights.name}', pretrained=True).eval()
 ```
 
-## Reported numbers ({weights.dataset} test set)
+## {numbers_title} ({weights.dataset} test set)
 
 | Metric | Value |
 | --- | --- |
 {rows}
 
-Source: {rep.get('source') or 'the paper'}. These are the authors' numbers, not measured here.
-
+Source: {rep.get('source') or 'the paper'}. {numbers_note}
+{notes}
 ## Provenance
 
-- Original checkpoint ({weights.original['layout']} layout): {'; '.join(weights.original['locations'])}
-- sha256 of the original file: `{source_sha256}`
+{provenance}
 - sha256 of model.safetensors: `{sha256}`
 - Licence: {weights.license}
 """
@@ -224,6 +240,7 @@ def convert_checkpoint(
         name: str,
         out_dir: os.PathLike,
         layout: Optional[str] = None,
+        dtype: Optional[str] = None,
         overwrite: bool = False,
 ) -> ConversionResult:
     """Converts an original checkpoint for the manifest entry ``name`` into ``out_dir``.
@@ -233,6 +250,8 @@ def convert_checkpoint(
         name: Manifest entry, ``arch.tag``.
         out_dir: Folder to write model.safetensors, config.json and README.md into (created if needed).
         layout: Key layout of the original (family-specific, e.g. 'huang2022'); detected when None.
+        dtype: Storage dtype of the floating-point tensors ('float32', 'float16', 'bfloat16'); None stores
+            the model's own (float32). Models load any of them into their float32 parameters.
         overwrite: Replace files already in ``out_dir``.
 
     Raises:
@@ -246,20 +265,25 @@ def convert_checkpoint(
         weights = get_weights(name)
     except KeyError as e:
         raise ValueError(e.args[0]) from None
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)} (or None for float32, the model's own), "
+                         f'got {dtype!r}.')
     out_dir = Path(out_dir)
     existing = [f for f in OUTPUT_FILES if (out_dir / f).exists()]
     if existing and not overwrite:
         raise ValueError(f'{out_dir} already holds {existing}; pass --overwrite or choose another --out.')
     raw = load_original_checkpoint(checkpoint)
     model, detected = _map_and_load(raw, weights, layout)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    cast = STORAGE_DTYPES.get(dtype)
+    tensors = {k: (v.to(cast) if cast is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
     source_sha256 = sha256_file(checkpoint)
     metadata = {
         'format': 'pt', 'name': weights.name, 'architecture': weights.architecture, 'tag': weights.tag,
         'num_classes': str(weights.num_classes), 'dataset': weights.dataset,
         'model_args': json.dumps(dict(weights.model_args), sort_keys=True),
         'source_file': Path(checkpoint).name, 'source_sha256': source_sha256, 'source_layout': detected,
-        'converter': f'robust-resnets {__version__}',
+        'converter': f'robust-resnets {__version__}', 'dtype': dtype or 'float32',
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     # every file goes to a temporary name first; they are renamed into place only when all are written

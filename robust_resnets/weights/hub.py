@@ -1,4 +1,4 @@
-"""Fetching a manifest entry's file through the Hugging Face cache, and checking it against the manifest.
+"""Finding a manifest entry's file (shipped in the package, or through the Hugging Face cache) and checking it.
 
 Environment variables are read when a download happens (not when huggingface_hub was imported), so
 ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` and ``HF_ENDPOINT`` set later in the process still apply.
@@ -12,7 +12,8 @@ from typing import Optional, Union
 
 from .manifest import PretrainedWeights
 
-__all__ = ['ChecksumError', 'sha256_file', 'verify_file', 'download_weights', 'hub_offline']
+__all__ = ['ChecksumError', 'sha256_file', 'verify_file', 'download_weights', 'packaged_weights_file',
+           'hub_offline']
 
 _TRUE = {'1', 'on', 'yes', 'true'}
 
@@ -114,4 +115,27 @@ def download_weights(weights: PretrainedWeights, *, cache_dir: Optional[Union[st
         raise ChecksumError(f'{weights.name}: {e} The file was deleted from the cache and not loaded; download it '
                             f'again, and if it still differs report it (the Hub copy or the manifest is wrong).') \
             from None
+    return path
+
+
+def packaged_weights_file(weights: PretrainedWeights) -> Path:
+    """Returns the path of an entry's weights file shipped inside the package, checked against the manifest.
+
+    Raises:
+        RuntimeError: The entry has no packaged file, or this installation lacks it.
+        ChecksumError: The file differs from the manifest (it is left in place and not loaded).
+    """
+    path = weights.packaged_path
+    if path is None:
+        raise RuntimeError(f'{weights.name} is not shipped inside the package (its manifest entry has no package_file).')
+    if not path.is_file():
+        raise RuntimeError(f'{weights.name}: the package should hold {path} but this installation lacks it. Reinstall '
+                           f'robust-resnets (pip install --force-reinstall robust-resnets), or in a checkout restore '
+                           f'it with `git checkout -- {weights.package_file}` under robust_resnets/weights/packaged/.')
+    try:
+        verify_file(path, sha256=weights.sha256, size=weights.size)
+    except ChecksumError as e:
+        raise ChecksumError(f'{weights.name}: {e} It was not loaded. Reinstall robust-resnets to restore the shipped '
+                            f'file; if you replaced it on purpose, load yours with '
+                            f"pretrained_cfg_overlay=dict(file='{path}').") from None
     return path

@@ -25,12 +25,16 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
-    'ManifestError', 'PretrainedWeights', 'ENTRY_FIELDS', 'MANIFEST_DIR_ENV', 'manifest_dirs', 'add_manifest_dir',
+    'ManifestError', 'PretrainedWeights', 'ENTRY_FIELDS', 'MANIFEST_DIR_ENV', 'PACKAGED_WEIGHTS_DIR', 'ORIGINS',
+    'manifest_dirs', 'add_manifest_dir',
     'load_manifest', 'get_manifest', 'get_weights', 'entries_for_architecture', 'validate_entry', 'parse_eps',
 ]
 
 MANIFEST_DIR_ENV = 'ROBUST_RESNETS_MANIFEST_DIR'
 _PACKAGED_DIR = Path(__file__).resolve().with_name('manifest_data')  # symlink to weights_manifest/ in a checkout
+#: Weights files shipped inside the package (an entry's ``package_file`` is relative to this folder).
+PACKAGED_WEIGHTS_DIR = Path(__file__).resolve().with_name('packaged')
+ORIGINS = ('authors', 'robust-resnets')
 
 _NAME_RE = re.compile(r'^[a-z0-9_]+\.[a-z0-9_]+$')
 _SHA256_RE = re.compile(r'^[0-9a-f]{64}$')
@@ -62,6 +66,10 @@ ENTRY_FIELDS: Dict[str, Tuple[bool, str]] = {
     'license': (True, "licence of the weights (SPDX-style id, or 'unknown')"),
     'published': (True, 'true once the file is on the Hub with the sha256 above'),
     'model_args': (False, 'keyword arguments the architecture needs for this checkpoint'),
+    'package_file': (False, 'weights shipped inside the package: a path under robust_resnets/weights/packaged/ '
+                            "(e.g. 'robust_resnet_a0.cifar10/model.safetensors'), loaded from there instead of the Hub"),
+    'origin': (False, "'authors' (default: converted from the authors' release) or 'robust-resnets' (trained by this "
+                      'project; `reported` then holds numbers measured here)'),
     'notes': (False, 'free text'),
 }
 
@@ -94,6 +102,8 @@ class PretrainedWeights:
     model_args: Mapping[str, Any] = field(default_factory=dict)
     crop_pct: float = 1.0
     interpolation: str = 'bilinear'
+    package_file: Optional[str] = None
+    origin: Optional[str] = None
     notes: Optional[str] = None
     source_file: Optional[str] = None
 
@@ -112,6 +122,16 @@ class PretrainedWeights:
     @property
     def hf_filename(self) -> str:
         return self.hf_hub['filename']
+
+    @property
+    def packaged_path(self) -> Optional[Path]:
+        """Where the package holds this entry's weights file (None when it is not shipped in the package)."""
+        return PACKAGED_WEIGHTS_DIR.joinpath(*self.package_file.split('/')) if self.package_file else None
+
+    @property
+    def trained_here(self) -> bool:
+        """Whether this project trained the checkpoint (rather than converting the authors' release)."""
+        return self.origin == 'robust-resnets'
 
     @property
     def eps_value(self) -> Optional[float]:
@@ -257,6 +277,17 @@ def validate_entry(name: str, entry: Mapping[str, Any]) -> List[str]:
         errors.append(f'size must be a positive number of bytes or null, got {nbytes!r}')
     if published is True and (sha is None or nbytes is None):
         errors.append('a published entry needs its sha256 and size (robust-resnets convert prints both)')
+    if 'package_file' in entry:
+        pkg = entry['package_file']
+        parts = pkg.split('/') if isinstance(pkg, str) else []
+        if not parts or not pkg.endswith('.safetensors') or '\\' in pkg \
+                or any(p in ('', '.', '..') for p in parts):
+            errors.append(f"package_file must be a relative path like 'arch.tag/model.safetensors' under "
+                          f"robust_resnets/weights/packaged/, got {pkg!r}")
+        if sha is None or nbytes is None:
+            errors.append('an entry with package_file needs its sha256 and size (robust-resnets convert prints both)')
+    if 'origin' in entry and entry['origin'] not in ORIGINS:
+        errors.append(f"origin must be one of {ORIGINS}, got {entry['origin']!r}")
 
     args = entry.get('model_args', {})
     if not isinstance(args, Mapping):

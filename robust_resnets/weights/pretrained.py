@@ -1,9 +1,10 @@
 """Hook that every model family's ``_create_*`` calls before timm builds a model with pretrained weights.
 
 For a manifest tag (``timm.create_model('robust_resnet_a1.cifar10_trades', pretrained=True)``) it
-merges the checkpoint's ``model_args`` into the build kwargs, resolves ``model.safetensors`` through
-the Hugging Face cache, checks its sha256 against the manifest and hands the local file to timm
-with ``pretrained_cfg_overlay=dict(file=...)``; timm then loads it with the family's checkpoint
+merges the checkpoint's ``model_args`` into the build kwargs, finds the weights file (shipped inside
+the package when the entry has a ``package_file``, else ``model.safetensors`` through the Hugging
+Face cache), checks its sha256 against the manifest and hands the local file to timm with
+``pretrained_cfg_overlay=dict(file=...)``; timm then loads it with the family's checkpoint
 filter. timm itself never reaches the Hub, so this works with every timm >= 1.0.9. A local file
 given as ``pretrained_cfg_overlay=dict(file=...)`` is used as is (it must be a ``.safetensors``).
 """
@@ -26,6 +27,11 @@ def _tag_of(pretrained_cfg: Any) -> Optional[str]:
 
 def _not_published_message(weights: PretrainedWeights) -> str:
     orig = weights.original
+    if weights.trained_here:
+        return (f"{weights.name} is trained by robust-resnets, but its weights are not shipped yet (weights_manifest: "
+                f"no package_file, published=false). Train it with:\n    {'; '.join(orig['locations'])}\n"
+                f"  then ship the run's weights with:\n    robust-resnets convert RUN/model.safetensors --to "
+                f"{weights.name} --dtype float16 --out robust_resnets/weights/packaged/{weights.name}")
     where = '\n    '.join(orig['locations'])
     return (
         f"{weights.name} has no published weights yet (weights_manifest: published=false).\n"
@@ -86,8 +92,9 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
             ``pretrained_cfg_overlay`` and ``cache_dir``.
 
     Raises:
-        RuntimeError: The weights are not published, not cached while offline, or failed to download.
-        ChecksumError: The file differs from the manifest (it is deleted, never loaded).
+        RuntimeError: The weights are not published, not cached while offline, failed to download, or
+            (shipped in the package) missing from this installation.
+        ChecksumError: The file differs from the manifest (never loaded; a Hub download is also deleted).
         ValueError: A local file does not fit the architecture.
     """
     kwargs = dict(kwargs)
@@ -125,11 +132,14 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
     if overlay.get('file'):
         check_weights_file(Path(overlay['file']), weights)
         return kwargs
-    if not weights.published:
-        raise RuntimeError(_not_published_message(weights))
-    from .hub import download_weights
+    from .hub import download_weights, packaged_weights_file
 
-    path = download_weights(weights, cache_dir=kwargs.get('cache_dir'))
+    if weights.package_file is not None:
+        path = packaged_weights_file(weights)
+    elif not weights.published:
+        raise RuntimeError(_not_published_message(weights))
+    else:
+        path = download_weights(weights, cache_dir=kwargs.get('cache_dir'))
     check_weights_file(path, weights)
     overlay['file'] = str(path)
     kwargs['pretrained_cfg_overlay'] = overlay

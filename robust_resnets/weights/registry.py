@@ -27,6 +27,7 @@ def pretrained_cfg_for(weights: PretrainedWeights, base: Optional[PretrainedCfg]
         f'{weights.threat_model} eps={weights.eps}' if weights.threat_model else 'clean (not adversarially trained)',
         f'training: {weights.training}',
         f'extra data: {weights.extra_data}' if weights.extra_data else None,
+        'weights shipped inside the package' if weights.package_file else
         None if weights.published else 'not yet published: see robust_resnets.weights.get_weights(name).original',
     ) if n)
     return dataclasses.replace(
