@@ -173,38 +173,44 @@ def plain_loop_img_s(name: str, *, device: torch.device, batch_size: int, warmup
     return batch_size / seconds
 
 
-def package_loop_img_s(name: str, *, device: torch.device, batch_size: int, steps: int, compile: bool,
-                       model_kwargs: Optional[Dict[str, Any]] = None) -> float:
-    """Images/s of the training package's TRADES loop (bf16, channels_last) over its second and third epochs.
+def trainer_img_s(config: Dict[str, Any], *, steps: int) -> float:
+    """Images/s of :func:`robust_resnets.training.trainer.train` running ``config`` over its second and third epochs.
 
-    Runs :func:`robust_resnets.training.trainer.train` on random in-memory data with ``steps`` steps an
-    epoch and reads the epoch times from its metrics (they include the per-epoch checkpoint and an
-    8-image clean evaluation, so the figure slightly understates the step rate).
+    ``config`` is a training config as a nested dict; its ``run.epochs`` becomes 3 and the data become random
+    in-memory CIFAR-sized images, ``steps`` batches an epoch. The epoch times read from the run's metrics
+    include the per-epoch checkpoint and an 8-image evaluation, so the figure slightly understates the step rate.
     """
     from robust_resnets.training.config import config_from_dict
     from robust_resnets.training.data import TrainingData
     from robust_resnets.training.trainer import train
 
+    cfg = config_from_dict({**config, 'run': {**config.get('run', {}), 'epochs': 3}})
     g = torch.Generator().manual_seed(0)
-    n = batch_size * steps
+    n = cfg.run.batch_size * steps
     data = TrainingData(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                         torch.randint(0, 10, (n,), generator=g),
                         torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g),
                         torch.randint(0, 10, (8,), generator=g), 10)
-    cfg = config_from_dict({
-        'model': {'name': name, 'kwargs': dict(model_kwargs or {})},
-        'objective': {'name': 'trades', 'beta': 6.0},
-        'attack': {'steps': 10, 'init_std': 0.001},
-        'eval': {'pgd_steps': 0, 'batch_size': 8},
-        'schedule': {'name': 'constant'},
-        'run': {'epochs': 3, 'batch_size': batch_size, 'device': device.type, 'amp': device.type == 'cuda',
-                'channels_last': device.type == 'cuda', 'compile': compile, 'progress': False},
-    })
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, Path(tmp) / 'run', data=data)
         records = [json.loads(line) for line in (Path(tmp) / 'run' / 'metrics.jsonl').read_text().splitlines()]
     epoch_times = [r['epoch_time_s'] for r in records if 'epoch_time_s' in r][1:]  # the first holds warm-up
     return n / (sum(epoch_times) / len(epoch_times))
+
+
+def package_loop_img_s(name: str, *, device: torch.device, batch_size: int, steps: int, compile: bool,
+                       model_kwargs: Optional[Dict[str, Any]] = None) -> float:
+    """Images/s of the training package's TRADES loop (bf16, channels_last) over its second and third epochs
+    (:func:`trainer_img_s`)."""
+    return trainer_img_s({
+        'model': {'name': name, 'kwargs': dict(model_kwargs or {})},
+        'objective': {'name': 'trades', 'beta': 6.0},
+        'attack': {'steps': 10, 'init_std': 0.001},
+        'eval': {'pgd_steps': 0, 'batch_size': 8},
+        'schedule': {'name': 'constant'},
+        'run': {'batch_size': batch_size, 'device': device.type, 'amp': device.type == 'cuda',
+                'channels_last': device.type == 'cuda', 'compile': compile, 'progress': False},
+    }, steps=steps)
 
 
 def training_speed(name: str, *, device: torch.device, batch_size: int, steps: int, warmup: int, compile: bool,
@@ -315,6 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'cpu'))
         p.add_argument('--out', default=None, help='write the result JSON here')
         p.add_argument('--model-kwargs', default='{}', help='JSON keyword arguments for every model (tiny CPU runs)')
+        if name == 'matmul':
+            p.add_argument('--size', type=int, default=8192, help='side of the square bf16 matrices')
         if name == 'throughput':
             p.add_argument('--models', default='*', help='comma-separated fnmatch patterns (default: all)')
             p.add_argument('--batch-size', type=int, default=256)
@@ -342,7 +350,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = environment(device)
 
     if args.what == 'matmul':
-        result: Dict[str, Any] = {'bf16_matmul_tflops': measure_matmul_tflops(device)}
+        result: Dict[str, Any] = {'bf16_matmul_tflops': measure_matmul_tflops(device, size=args.size),
+                                  'size': args.size}
         print(f"bf16 matmul: {result['bf16_matmul_tflops']:.1f} TFLOP/s")
     elif args.what == 'throughput':
         rows = []

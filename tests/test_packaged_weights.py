@@ -116,6 +116,19 @@ def test_changed_or_missing_packaged_file_is_never_loaded(trained_run, packaged_
     timm.create_model(NAME, pretrained=True)
 
 
+def test_conversion_is_byte_reproducible(trained_run, tmp_path, monkeypatch):
+    """The same run converts to the same bytes (safetensors alone writes its metadata in hash-map order)."""
+    use_manifest(monkeypatch, tmp_path / 'manifest', {NAME: _trained_entry()})
+    files = [convert_checkpoint(trained_run / 'model.safetensors', name=NAME, out_dir=tmp_path / f'out{i}',
+                                dtype='float16').out_dir / 'model.safetensors' for i in range(3)]
+    assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
+    with safe_open(str(files[0]), framework='pt') as f:
+        meta = f.metadata()
+        assert meta['name'] == NAME and meta['dtype'] == 'float16'
+        assert torch.equal(f.get_tensor('head.fc.weight'),
+                           load_original_checkpoint(trained_run / 'model.safetensors')['head.fc.weight'].half())
+
+
 def test_convert_rejects_an_unknown_dtype(trained_run, tmp_path, monkeypatch):
     use_manifest(monkeypatch, tmp_path / 'manifest', {NAME: _trained_entry()})
     with pytest.raises(ValueError, match="dtype must be one of"):

@@ -159,6 +159,9 @@ def test_schedules():
         sched.step()
     assert max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == 4  # torch: the rise ends at step pct_start * total - 1 and lrs[0] == pytest.approx(0.1 / 25)
     assert moms[0] == pytest.approx(0.95) and min(moms) == pytest.approx(0.85)
+    short = _cfg(schedule={'name': 'onecycle', 'interval': 'step', 'pct_start': 0.25}, run={'epochs': 1})
+    with pytest.raises(ConfigError, match='exactly one step'):  # torch would divide by zero
+        build_scheduler(build_optimizer(model, short), short, steps_per_epoch=4)
 
 
 def test_weight_average_follows_gowal_et_al():
@@ -259,6 +262,11 @@ def test_kill_and_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     epochs_b = [r for r in log(tmp_path / 'killed') if 'epoch' in r and 'event' not in r]
     strip = lambda r: {k: v for k, v in r.items() if k != 'epoch_time_s'}  # noqa: E731
     assert [strip(r) for r in epochs_a] == [strip(r) for r in epochs_b]
+
+    exported = {f: (tmp_path / 'killed' / f).read_bytes() for f in ('model.safetensors', 'config.json')}
+    again = train(_resume_cfg(), tmp_path / 'killed', data=data, resume=True)  # a run that already ended
+    assert again['status'] == 'finished' and again['step'] == 6
+    assert exported == {f: (tmp_path / 'killed' / f).read_bytes() for f in exported}  # its export is kept
 
 
 def test_resume_and_run_directory_errors(tmp_path):

@@ -54,6 +54,8 @@ def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = 
 
         register_manifest()  # makes the manifest's tags known to timm
     kwargs: Dict[str, Any] = dict(entry.model_args) if entry is not None else {}
+    if checkpoint is not None and entry is None:
+        kwargs = _beside_model_args(Path(checkpoint), arch)
     if checkpoint is not None or random_init:
         num_classes = entry.num_classes if entry is not None else DATASETS[dataset]
         model = timm.create_model(name if entry is not None else arch, pretrained=False, num_classes=num_classes,
@@ -73,6 +75,23 @@ def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = 
         raise ValueError(f'{name} has {model.num_classes} outputs but {dataset} has {DATASETS[dataset]} classes; '
                          f'check --dataset or the tag.')
     return model.to(device).eval()
+
+
+def _beside_model_args(checkpoint: Path, arch: str) -> Dict[str, Any]:
+    """The ``model_args`` of the timm ``config.json`` beside ``checkpoint`` when it describes ``arch`` (a training
+    run's export, e.g. the quick recipe's small ``preact_resnet``); else none."""
+    import json
+
+    config = checkpoint.parent / 'config.json'
+    if not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"'{config}' beside the checkpoint is not readable JSON ({e}); fix or remove it.") from None
+    if not isinstance(data, dict) or data.get('architecture') != arch:
+        return {}
+    return {k: v for k, v in (data.get('model_args') or {}).items() if k != 'num_classes'}  # the dataset's
 
 
 def _load_checkpoint(model: nn.Module, arch: str, path: Path) -> None:

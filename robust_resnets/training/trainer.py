@@ -162,6 +162,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, steps
     per_epoch = 1 if s.interval == 'epoch' else steps_per_epoch
     total = cfg.run.epochs * per_epoch
     if s.name == 'onecycle':
+        if float(s.pct_start * total) == 1.0:  # torch's OneCycleLR divides by zero on a one-step rise
+            raise ConfigError(f"schedule onecycle: its rise (schedule.pct_start {s.pct_start} x {total} "
+                              f"{'epochs' if s.interval == 'epoch' else 'steps'}) is exactly one step, which torch's "
+                              f'OneCycleLR cannot schedule; change run.epochs or schedule.pct_start.')
         # as torch's OneCycleLR (and the Gowal/Rebuffi/SCORE code): cosine, momentum cycled 0.95 -> 0.85 -> 0.95
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=total,
                                                    pct_start=s.pct_start)
@@ -504,6 +508,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         step, best, accum = ckpt['step'], ckpt['best'], ckpt['accum']
         _set_rng_state(ckpt['rng'], device)
     ckpt_loaded = ckpt is not None
+    # resuming a run that already ended: nothing to train, and its exported weights and metrics stay as they are
+    already_exported = ckpt_loaded and step >= total_steps and (run_dir / 'model.safetensors').is_file()
     del ckpt
     if d.main and not ckpt_loaded:  # created only once the data and the model are in place
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -694,7 +700,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         if step % spe:  # the epoch-end checkpoint already holds this step otherwise
             save_checkpoint()
         log({'event': 'stopped', 'step': step, 'epoch': step / spe})
-    elif d.main:
+    elif d.main and not already_exported:
         _export(eval_model, cfg, run_dir, {'final_metrics': last_eval, 'best_epoch': (best or {}).get('epoch')})
         log({'event': 'end', 'step': step, **last_eval})
     if d.enabled:

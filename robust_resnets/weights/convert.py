@@ -134,6 +134,26 @@ def _map_and_load(raw: Dict[str, Any], weights: PretrainedWeights,
     return model.eval(), detected
 
 
+def _sort_metadata_in_place(path: Path) -> None:
+    """Rewrites a safetensors header with its ``__metadata__`` keys sorted, so a conversion is byte-reproducible.
+
+    safetensors writes the metadata in hash-map order, which changes from run to run; the tensors' entries and
+    data are already deterministic. The header keeps its length (same JSON, reordered), so only it is rewritten.
+    """
+    with open(path, 'r+b') as f:
+        size = int.from_bytes(f.read(8), 'little')
+        raw = f.read(size)
+        header = json.loads(raw)
+        header['__metadata__'] = dict(sorted(header.get('__metadata__', {}).items()))
+        header = {'__metadata__': header.pop('__metadata__'), **header}
+        text = json.dumps(header, separators=(',', ':'), ensure_ascii=False).encode('utf-8')
+        if len(text) > size:
+            raise RuntimeError(f'{path}: re-serialising its safetensors header changed its length ({len(text)} vs '
+                               f'{size} bytes), so it was not rewritten; please report this.')
+        f.seek(8)
+        f.write(text + b' ' * (size - len(text)))  # safetensors pads its header with spaces
+
+
 def model_card(weights: PretrainedWeights, *, sha256: str, source_sha256: str) -> str:
     """The Hub model card (README.md): metadata block for the Hub, then usage and provenance."""
     import yaml
@@ -292,10 +312,14 @@ def convert_checkpoint(
         from safetensors.torch import save_file
 
         save_file(tensors, str(tmp['model.safetensors']), metadata=metadata)
+        _sort_metadata_in_place(tmp['model.safetensors'])
         sha256 = sha256_file(tmp['model.safetensors'])
         size = tmp['model.safetensors'].stat().st_size
         tmp['config.json'].write_text(json.dumps(_config(weights, model), indent=2) + '\n', encoding='utf-8')
         tmp['README.md'].write_text(model_card(weights, sha256=sha256, source_sha256=source_sha256), encoding='utf-8')
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp['model.safetensors'], 0o666 & ~umask)  # safetensors writes owner-only files
         for fname, path in tmp.items():
             os.replace(path, out_dir / fname)
     finally:
