@@ -2,7 +2,7 @@
 
 Reads every table in ``benchmarks/tables/*.yaml``, finds each row's released weights (the weights
 manifest entry ``<model>.<dataset>_<method>``, or the row's ``weights`` field), evaluates the rows whose
-weights are available (published on the Hub, or ``<weights-dir>/<name>.safetensors``) with
+weights are available (published on the Hub, shipped in the package, or ``<weights-dir>/<name>.safetensors``) with
 :func:`robust_resnets.evaluation.evaluate`, and prints paper vs measured with the difference. Rows
 without weights say so. Meant for a GPU; its running time is not measured yet (no weights are
 published so far). ``--n-examples`` shortens a run; ``--list`` only prints the rows and their weights.
@@ -66,7 +66,8 @@ def find_weights(row: Dict[str, Any], weights_dir: Optional[Path]) -> Dict[str, 
         return {'name': name, 'file': local, 'available': True, 'why': None}
     from robust_resnets.weights import get_weights
 
-    if get_weights(name).published:
+    weights = get_weights(name)
+    if weights.published or weights.package_file:  # on the Hub, or shipped inside the package
         return {'name': name, 'file': None, 'available': True, 'why': None}
     return {'name': name, 'file': None, 'available': False, 'why': 'weights not published'}
 

@@ -132,8 +132,8 @@ def make_plan(*, alone: Dict[str, float], together: Dict[str, float], n_train: i
     """Chooses concurrent or sequential training and the epoch count that fits ``budget_s``.
 
     Per epoch, one after the other costs the sum of both models' epoch times alone; together costs the
-    longer of the two epoch times measured while both ran (an upper bound: the slower run speeds up once
-    the faster one ends). The cheaper way wins; the epochs are as many as fit ``budget_s - overhead_s``
+    longer of the two epoch times measured while both ran (the slower run speeds up once the faster one
+    ends; the probes' epochs are sized to outlast the processes' start-up skew, so they overlap). The cheaper way wins; the epochs are as many as fit ``budget_s - overhead_s``
     (at least 1, at most ``max_epochs``). ``mode`` 'concurrent' or 'sequential' overrides the choice.
     """
     if mode not in ('auto', 'concurrent', 'sequential'):
@@ -277,7 +277,7 @@ def summary(results: Path) -> str:
             lines.append(f"  {model:18s} {'finished' if s['finished'] else 'unfinished'} step {s['step']}/"
                          f"{s['total_steps']} epoch {s['epochs_done']}  held-out clean {_pct(ev.get('val_clean_acc'))}"
                          f" pgd {_pct(ev.get('val_pgd_acc'))}  {s['train_seconds']:.0f} s")
-    for path in sorted(results.glob('eval_*.json')):
+    for path in sorted(p for p in results.glob('eval_*.json') if not p.name.endswith('.state.json')):
         d = read_json(path)
         accs = '  '.join(f"{k} {_pct(a['accuracy'])}" for k, a in d['attacks'].items())
         lines.append(f"eval {d['model']['name']:18s} n={d['data']['n_examples']}  {accs}  worst {_pct(d['robust_accuracy'])}")

@@ -22,7 +22,8 @@
 #   CALL_T0              when the device call began (`export CALL_T0=$(date +%s)` first); default: now
 #   CALL_LIMIT_S (600), MARGIN_S (45)   the call's limit, and what is left for stopping and collecting
 #   TRAIN_BUDGET_S (840) total training seconds across calls, for the plan; TRAIN_MAX_EPOCHS (30, the recipe's);
-#   TRAIN_MODE (auto | concurrent | sequential) overrides the probe's choice
+#   TRAIN_MODE (auto | concurrent | sequential) overrides the probe's choice; TOGETHER_EPOCH_S (8) sizes the
+#   concurrent probe's epochs
 #   GPU_SESSION_RUNS (.runs), GPU_SESSION_RESULTS (benchmarks/results/gpu), GPU_SESSION_DATA, PYTHON
 set -euo pipefail
 
@@ -47,7 +48,7 @@ if [[ $SMOKE == 1 ]]; then
   KW='{"depths":[1,1,1],"widths":[1,1,1]}'
   TRAIN_SETS=(data.train_subset=128 data.holdout=16 run.batch_size=16 run.device=cpu attack.steps=2
               eval.pgd_steps=1 eval.max_examples=16 eval.batch_size=16)
-  PROBE_STEPS=2 MAX_EPOCHS=1 OVERHEAD_S=0 STARTUP_S=5 STEPS_PER_CALL=${TRAIN_STEPS_PER_CALL:-5}
+  PROBE_STEPS=2 TOGETHER_EPOCH_S=0 MAX_EPOCHS=1 OVERHEAD_S=0 STARTUP_S=5 STEPS_PER_CALL=${TRAIN_STEPS_PER_CALL:-5}
   N_EXAMPLES=16 AA_N=4
   EVAL_ATTACKS=clean,pgd2,cw2,aa:apgd-ce PRECISION_ATTACKS=clean,pgd2,aa:apgd-ce
   MATMUL=(--size 256)
@@ -56,11 +57,14 @@ if [[ $SMOKE == 1 ]]; then
 else
   RUNS=${GPU_SESSION_RUNS:-.runs}
   RESULTS=${GPU_SESSION_RESULTS:-benchmarks/results/gpu}
-  DATA=${GPU_SESSION_DATA:-.data/cifar10-jpeg.tar.gz}
+  # carried paths are replaced at every call, which would drop the decoded cache beside the archive: setup copies
+  # the carried archive into the runs folder, which a warm machine keeps
+  DATA=${GPU_SESSION_DATA:-$RUNS/data/cifar10-jpeg.tar.gz}
   DEVICE=cuda
   KW='{}'
   TRAIN_SETS=()
-  PROBE_STEPS=${PROBE_STEPS:-30} MAX_EPOCHS=${TRAIN_MAX_EPOCHS:-30} OVERHEAD_S=${TRAIN_OVERHEAD_S:-60}
+  PROBE_STEPS=${PROBE_STEPS:-30} TOGETHER_EPOCH_S=${TOGETHER_EPOCH_S:-8}
+  MAX_EPOCHS=${TRAIN_MAX_EPOCHS:-30} OVERHEAD_S=${TRAIN_OVERHEAD_S:-60}
   STARTUP_S=${TRAIN_STARTUP_S:-30} STEPS_PER_CALL=${TRAIN_STEPS_PER_CALL:-}
   N_EXAMPLES=1000 AA_N=1000
   EVAL_ATTACKS=clean,pgd20,cw40,aa PRECISION_ATTACKS=clean,pgd20,aa:apgd-ce
@@ -78,7 +82,11 @@ say() { printf '[gpu_session %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { say "error: $*" >&2; exit 1; }
 remaining() { echo $(( T0 + CALL_LIMIT_S - MARGIN_S - $(date +%s) )); }
 helper() { "$PY" -m benchmarks.gpu_session "$@"; }
+CARRIED_DATA=.data/cifar10-jpeg.tar.gz
 need_data() {
+  if [[ ! -f $DATA && $SMOKE != 1 && -z ${GPU_SESSION_DATA:-} && -f $CARRIED_DATA ]]; then
+    mkdir -p "$(dirname "$DATA")" && cp "$CARRIED_DATA" "$DATA.tmp" && mv "$DATA.tmp" "$DATA"
+  fi
   [[ -f $DATA ]] || die "no CIFAR-10 archive at $DATA: run 'benchmarks/gpu_session.sh wheels' here and carry .data"
 }
 summary() { helper summary --results "$STATE" || true; }
@@ -86,7 +94,7 @@ publish() {  # the stage's JSON files into the results folder
   mkdir -p "$RESULTS"
   local f
   for f in "$STATE"/*.json; do
-    [[ -f $f ]] || continue
+    [[ -f $f && $f != *.state.json ]] || continue
     [[ $(cd "$(dirname "$f")" && pwd) == $(cd "$RESULTS" && pwd) ]] && continue
     cp "$f" "$RESULTS/"
   done
@@ -182,8 +190,15 @@ stage_train() {
     say "probing training speed of $MODELS (alone, then together)"
     helper probe --models "$MODELS" --recipe "$RECIPE" "${sets[@]}" --model-kwargs "$KW" --steps "$PROBE_STEPS" \
       --out "$STATE/probe_alone.json" 2>&1 | grep -v '^\s*$' | tail -n 4
+    # together: each model's probe epochs last about TOGETHER_EPOCH_S (when alone), long beside the processes'
+    # start-up skew, so the two timed epochs of each run while the other model trains too
+    local steps img bs
     for m in ${MODELS//,/ }; do
-      helper probe --models "$m" --recipe "$RECIPE" "${sets[@]}" --model-kwargs "$KW" --steps "$PROBE_STEPS" \
+      img=$(printf '%.0f' "$(helper get "$STATE/probe_alone.json" "rows.$m.img_s")")
+      bs=$(helper get "$STATE/probe_alone.json" "rows.$m.batch_size")
+      steps=$(( (TOGETHER_EPOCH_S * img + bs - 1) / bs ))
+      (( steps >= PROBE_STEPS )) || steps=$PROBE_STEPS
+      helper probe --models "$m" --recipe "$RECIPE" "${sets[@]}" --model-kwargs "$KW" --steps "$steps" \
         --out "$STATE/probe_together_$m.json" >"$LOGS/probe_together_$m.log" 2>&1 &
       pids+=($!)
     done
@@ -201,6 +216,7 @@ stage_train() {
   fi
   if [[ $(helper get "$plan" mode) == concurrent ]]; then
     local window; window=$(remaining)
+    if (( window < STARTUP_S + 30 )); then say "no time left in this call (${window}s) to train: run train again"; return 0; fi
     pids=()
     for m in ${MODELS//,/ }; do launch_run "$m" "$window" & pids+=($!); done
     for p in "${pids[@]}"; do wait "$p" || true; done
@@ -216,13 +232,20 @@ stage_train() {
 }
 
 # --- evaluate (device) ---------------------------------------------------------------------------------------
-ship() {  # MODEL: prints the weights file to evaluate: the run's weights as the package ships them
+ship() {  # MODEL: prints the weights file to evaluate: the run's weights as the package ships them (fp16)
   local m=$1 dir=$RUNS/ship/$1.cifar10
   # smoke models are tiny and fit no manifest entry: their run's own file stands in
   if [[ $SMOKE == 1 ]]; then echo "$RUNS/$m/model.safetensors"; return 0; fi
   if [[ ! -f $dir/model.safetensors ]]; then
-    "$PY" -m robust_resnets convert "$RUNS/$m/model.safetensors" --to "$m.cifar10" --dtype float16 --out "$dir" \
-      --overwrite >>"$LOGS/ship_$m.log" 2>&1 || { tail -n 5 "$LOGS/ship_$m.log" >&2; die "$m: convert failed"; }
+    if ! "$PY" -m robust_resnets convert "$RUNS/$m/model.safetensors" --to "$m.cifar10" --dtype float16 \
+        --out "$dir" --overwrite >>"$LOGS/ship_$m.log" 2>&1; then
+      tail -n 5 "$LOGS/ship_$m.log" >&2
+      return 1
+    fi
+    # conversions are byte-reproducible: converting the returned fp32 run here must give this sha256
+    printf '{"model": "%s.cifar10", "sha256": "%s", "size": %s}\n' "$m" \
+      "$(sha256sum "$dir/model.safetensors" | cut -d' ' -f1)" "$(stat -c %s "$dir/model.safetensors")" \
+      >"$STATE/ship_$m.json"
   fi
   echo "$dir/model.safetensors"
 }
@@ -238,7 +261,7 @@ stage_evaluate() {
     window=$(remaining)
     (( window >= 30 )) || { say "no time left to evaluate $m (${window}s): run evaluate again (it resumes)"; break; }
     local shipped name=$m
-    shipped=$(ship "$m")
+    if ! shipped=$(ship "$m"); then say "$m: converting it to fp16 failed (see $LOGS/ship_$m.log): not evaluated"; continue; fi
     [[ $SMOKE == 1 ]] || name=$m.cifar10
     say "$name: robust-resnets eval --attacks $EVAL_ATTACKS --n-examples $N_EXAMPLES on $shipped (window ${window}s)"
     rc=0
@@ -249,9 +272,14 @@ stage_evaluate() {
     if [[ -f $f ]]; then stamp "$f" "$m"; evals+=("$f")
     else say "$m: evaluation unfinished (exit $rc); run evaluate again: it resumes from $f.state.json"; fi
   done
-  (( ${#evals[@]} )) || { say 'no evaluated model yet: nothing more to do'; return 0; }
+  local n_models; n_models=$(wc -w <<<"${MODELS//,/ }")
+  if (( ${#evals[@]} < n_models )); then
+    say "${#evals[@]} of $n_models models evaluated: the precision check and the AutoAttack comparison wait for all"
+    return 0
+  fi
   local best; best=$(helper best "${evals[@]}")
-  local weights; weights=$(ship "$best")
+  local weights
+  weights=$(ship "$best") || { say "$best: converting it to fp16 failed (see $LOGS/ship_$best.log)"; return 0; }
   say "better model: $best"
   f=$STATE/precision.json
   window=$(remaining)
@@ -259,7 +287,7 @@ stage_evaluate() {
     timeout --signal=TERM --kill-after=20 "$window" "$PY" -m benchmarks speed precision --model "$best" \
       --weights "$weights" --data-dir "$DATA" --n-examples "$N_EXAMPLES" --attacks "$PRECISION_ATTACKS" \
       --device "$DEVICE" --model-kwargs "$KW" --out "$f" 2>&1 | tee -a "$LOGS/precision.log" | tail -n 5 || true
-    [[ -f $f ]] && helper annotate "$f" --set "model=$best" --set "weights=$weights"
+    if [[ -f $f ]]; then helper annotate "$f" --set "model=$best" --set "weights=$weights"; fi
   fi
   f=$STATE/autoattack.json
   window=$(remaining)
@@ -268,9 +296,9 @@ stage_evaluate() {
       timeout --signal=TERM --kill-after=20 "$window" "$PY" -m benchmarks speed autoattack --model "$best" \
         --weights "$weights" --data-dir "$DATA" --n-examples "$AA_N" --device "$DEVICE" --model-kwargs "$KW" \
         --out "$f" 2>&1 | tee -a "$LOGS/autoattack.log" | tail -n 4 || true
-      [[ -f $f ]] && helper annotate "$f" --set "model=$best" --set "weights=$weights" --set "note=issue 8 names \
-wrn_28_10, whose weights cannot reach the offline device and whose random initialisation makes AutoAttack \
-trivial; this comparison uses the better model trained in this session"
+      if [[ -f $f ]]; then helper annotate "$f" --set "model=$best" --set "weights=$weights" --set "note=issue 8 \
+names wrn_28_10, whose weights cannot reach the offline device and whose random initialisation makes AutoAttack \
+trivial; this comparison uses the better model trained in this session"; fi
     else
       printf '{"skipped": "robustbench.eval does not import here (install the robustbench wheels)", "model": "%s"}\n' \
         "$best" >"$f"
@@ -287,13 +315,16 @@ run_speed() {  # WHAT FILE ARGS...: one speed benchmark unless its JSON exists
   (( window >= 30 )) || { say "no time left for $(basename "$f") (${window}s): run speed again"; return 0; }
   timeout --signal=TERM --kill-after=20 "$window" "$PY" -m benchmarks speed "$what" --device "$DEVICE" \
     --model-kwargs "$KW" --out "$f" "$@" 2>&1 | tee -a "$LOGS/speed_$what.log" | grep -v '^\s*$' | tail -n 12 || true
+  collect_results
 }
 
 stage_speed() {
   mkdir -p "$STATE" "$LOGS"
   run_speed matmul speed_matmul.json "${MATMUL[@]}"
   local peak=() m part
-  [[ -f $STATE/speed_matmul.json ]] && peak=(--peak-tflops "$(helper get "$STATE/speed_matmul.json" bf16_matmul_tflops)")
+  if [[ -f $STATE/speed_matmul.json ]]; then
+    peak=(--peak-tflops "$(helper get "$STATE/speed_matmul.json" bf16_matmul_tflops)")
+  fi
   for m in ${TRAIN_SPEED_MODELS//,/ }; do
     run_speed train "speed_train_$m.json" --models "$m" "${TRAIN_SPEED[@]}" "${peak[@]}"
   done
@@ -303,33 +334,54 @@ stage_speed() {
 }
 
 # --- collect -------------------------------------------------------------------------------------------------
-stage_collect() {
-  local dest=${OUT:-$RUNS/collect} tmp m files=()
+collect_results() {  # every JSON, log and run record (a few hundred kB) into $OUT/results.tar.gz
+  local dest=${OUT:-$RUNS/collect} tmp m f files=()
   mkdir -p "$dest" "$STATE"
   publish
   tmp=$(mktemp -d "$RUNS/.collect.XXXXXX")
-  # small files: every JSON, log and run record (a few hundred kB)
   for m in ${MODELS//,/ }; do
-    for f in metrics.jsonl train_config.yaml config.json; do [[ -f $RUNS/$m/$f ]] && files+=("$m/$f"); done
+    for f in metrics.jsonl train_config.yaml config.json; do
+      if [[ -f $RUNS/$m/$f ]]; then files+=("$m/$f"); fi
+    done
   done
   tar czf "$tmp/results.tar.gz" -C "$RUNS" results "${files[@]}"
   mv "$tmp/results.tar.gz" "$dest/results.tar.gz"
-  # the trained models, split below the 16 MiB a returned file may have
-  files=()
+  rm -rf "$tmp"
+}
+
+stage_collect() {
+  local dest=${OUT:-$RUNS/collect} tmp m files=()
+  collect_results
+  # the finished runs' fp32 weights and records (about 42 MB for the two models), split below the 16 MiB a
+  # returned file may have; their fp16 copies are re-made here byte for byte (ship_<model>.json has the sha256)
   for m in ${MODELS//,/ }; do
-    [[ -f $RUNS/$m/model.safetensors ]] && files+=("$m/model.safetensors" "$m/config.json" "$m/metrics.jsonl" "$m/train_config.yaml")
-    [[ -d $RUNS/ship/$m.cifar10 ]] && files+=("ship/$m.cifar10")  # fp16 model.safetensors, config.json, card
+    if [[ -f $RUNS/$m/model.safetensors ]]; then
+      files+=("$m/model.safetensors" "$m/config.json" "$m/metrics.jsonl" "$m/train_config.yaml")
+    fi
   done
   rm -f "$dest"/models.tar.gz.part-*
   if (( ${#files[@]} )); then
+    tmp=$(mktemp -d "$RUNS/.collect.XXXXXX")
     tar cf - -C "$RUNS" "${files[@]}" | gzip -1 >"$tmp/models.tar.gz"
     split -b 15m -d -a 1 "$tmp/models.tar.gz" "$tmp/models.tar.gz.part-"
     mv "$tmp"/models.tar.gz.part-* "$dest/"
+    rm -rf "$tmp"
   fi
-  rm -rf "$tmp"
   say "collected into $dest: $(cd "$dest" && ls | tr '\n' ' ')"
   say "unpack: tar xzf results.tar.gz; cat models.tar.gz.part-* | tar xzf -"
 }
+
+on_exit() {  # a stage that failed still returns what the call produced
+  local rc=$?
+  if (( rc != 0 )) && [[ ${STAGE:-} =~ ^(setup|train|evaluate|speed)$ ]]; then
+    trap - EXIT
+    say "stage $STAGE failed (exit $rc): collecting what there is"
+    stage_collect || true
+    summary
+  fi
+  exit "$rc"
+}
+trap on_exit EXIT
 
 stage_chain() { run_stage setup; run_stage train; run_stage train; run_stage evaluate; run_stage speed; }
 

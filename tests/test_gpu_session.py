@@ -129,3 +129,18 @@ def test_unknown_stage_is_refused():
     proc = subprocess.run(['bash', str(REPO / 'benchmarks' / 'gpu_session.sh'), 'nope'], cwd=REPO,
                           env={**os.environ, 'GPU_SESSION_SMOKE': '1'}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "unknown stage 'nope'" in proc.stderr
+
+
+def test_a_failed_stage_still_collects(tmp_path):
+    """A stage that dies (here: no data) still packs what the call produced into $OUT, and says so."""
+    runs, out = tmp_path / 'runs', tmp_path / 'out'
+    (runs / 'results').mkdir(parents=True)
+    (runs / 'results' / 'speed_matmul.json').write_text('{"bf16_matmul_tflops": 1.0}')
+    env = {**os.environ, 'GPU_SESSION_SMOKE': '1', 'GPU_SESSION_RUNS': str(runs), 'OUT': str(out),
+           'PYTHON': sys.executable, 'GPU_SESSION_DATA': str(tmp_path / 'missing.tar.gz')}
+    proc = subprocess.run(['bash', str(REPO / 'benchmarks' / 'gpu_session.sh'), 'train'], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and 'no CIFAR-10 archive' in proc.stderr
+    assert 'stage train failed (exit 1): collecting what there is' in proc.stdout
+    with tarfile.open(out / 'results.tar.gz') as tar:
+        assert 'results/speed_matmul.json' in tar.getnames()

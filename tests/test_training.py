@@ -263,10 +263,10 @@ def test_kill_and_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if k != 'epoch_time_s'}  # noqa: E731
     assert [strip(r) for r in epochs_a] == [strip(r) for r in epochs_b]
 
-    exported = {f: (tmp_path / 'killed' / f).read_bytes() for f in ('model.safetensors', 'config.json')}
+    exported = {f: (tmp_path / 'killed' / f).read_bytes() for f in ('model.safetensors', 'config.json', 'metrics.jsonl')}
     again = train(_resume_cfg(), tmp_path / 'killed', data=data, resume=True)  # a run that already ended
     assert again['status'] == 'finished' and again['step'] == 6
-    assert exported == {f: (tmp_path / 'killed' / f).read_bytes() for f in exported}  # its export is kept
+    assert exported == {f: (tmp_path / 'killed' / f).read_bytes() for f in exported}  # its export and log are kept
 
 
 def test_resume_and_run_directory_errors(tmp_path):

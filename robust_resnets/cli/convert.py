@@ -31,15 +31,11 @@ def run(args: argparse.Namespace) -> int:
     print(f'Wrote {result.out_dir}/model.safetensors, config.json, README.md '
           f'(layout {result.layout}; sha256 {result.sha256}; {result.size} bytes).')
     weights = get_weights(result.name)
-    entry = dict(result.entry)
-    out_dir = result.out_dir.resolve()
-    if PACKAGED_WEIGHTS_DIR in out_dir.parents:  # shipped inside the package, not (yet) on the Hub
-        entry.update(package_file=(out_dir / 'model.safetensors').relative_to(PACKAGED_WEIGHTS_DIR).as_posix(),
-                     published=weights.published)
+    if 'package_file' in result.entry:
         print(f'To ship it inside the package, set this entry in {weights.source_file}:')
     else:
-        print(f'After `robust-resnets publish {result.out_dir} --repo-id {entry["hf_hub"]["repo_id"]}`, set this '
-              f'entry in {weights.source_file} (or, to ship it inside the package, convert with --out '
+        print(f'After `robust-resnets publish {result.out_dir} --repo-id {result.entry["hf_hub"]["repo_id"]}`, set '
+              f'this entry in {weights.source_file} (or, to ship it inside the package, convert with --out '
               f'{PACKAGED_WEIGHTS_DIR}/{result.name}):')
-    print(json.dumps({result.name: entry}, indent=2))
+    print(json.dumps({result.name: result.entry}, indent=2))
     return 0

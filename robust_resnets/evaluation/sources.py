@@ -91,7 +91,10 @@ def _beside_model_args(checkpoint: Path, arch: str) -> Dict[str, Any]:
         raise ValueError(f"'{config}' beside the checkpoint is not readable JSON ({e}); fix or remove it.") from None
     if not isinstance(data, dict) or data.get('architecture') != arch:
         return {}
-    return {k: v for k, v in (data.get('model_args') or {}).items() if k != 'num_classes'}  # the dataset's
+    args = data.get('model_args') or {}
+    if not isinstance(args, dict):
+        raise ValueError(f"'{config}' beside the checkpoint has model_args {args!r}, not an object; fix or remove it.")
+    return {k: v for k, v in args.items() if k != 'num_classes'}  # the class count is the dataset's
 
 
 def _load_checkpoint(model: nn.Module, arch: str, path: Path) -> None:

@@ -551,7 +551,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         log({'event': 'start', 'steps_per_epoch': spe, 'total_steps': total_steps, 'world_size': d.world_size,
              'device': str(device), 'amp': amp, 'channels_last': channels_last,
              'params': sum(p.numel() for p in raw.parameters())})
-    elif d.main:
+    elif d.main and not already_exported:
         log({'event': 'resume', 'step': step, 'epoch': step // spe})
 
     progress = None

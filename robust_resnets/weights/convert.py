@@ -19,12 +19,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .hub import sha256_file
+from . import manifest as _manifest
 from .manifest import PretrainedWeights, get_weights
 
 __all__ = ['ConversionResult', 'load_original_checkpoint', 'family_module', 'convert_checkpoint', 'model_card']
 
 OUTPUT_FILES = ('model.safetensors', 'config.json', 'README.md')
-#: Storage dtypes of ``convert_checkpoint(dtype=...)``: floating-point tensors are cast, integer buffers kept.
+#: Storage dtypes of ``convert_checkpoint(dtype=...)``: parameters are cast; buffers (normalisation statistics,
+#: which can exceed float16's range) stay float32.
 STORAGE_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 _HUB_DATASETS = {'cifar10': ('cifar10', 'CIFAR-10'), 'cifar100': ('cifar100', 'CIFAR-100'),
                  'svhn': ('svhn', 'SVHN'), 'imagenet': ('imagenet-1k', 'ImageNet-1k')}
@@ -41,7 +43,7 @@ class ConversionResult:
     layout: str
     sha256: str
     size: int
-    entry: Dict[str, Any]  # the manifest entry with sha256, size and published filled in
+    entry: Dict[str, Any]  # the manifest entry with sha256 and size, and package_file or published=True
 
 
 def load_original_checkpoint(path: os.PathLike) -> Dict[str, Any]:
@@ -189,12 +191,14 @@ def model_card(weights: PretrainedWeights, *, sha256: str, source_sha256: str) -
         intro = (f'{weights.architecture} (architecture from {paper_ref}) adversarially trained on {ds_name} by '
                  f'robust-resnets ({weights.training}), for [timm](https://github.com/huggingface/pytorch-image-models).')
         numbers_title, numbers_note = 'Measured numbers', 'Measured by robust-resnets, not taken from a paper.'
+        numbers_source = 'not measured yet'
         provenance = (f"- Trained by robust-resnets: {'; '.join(weights.original['locations'])}\n"
                       f"- sha256 of the training run's weights file: `{source_sha256}`")
     else:
         intro = (f'{weights.architecture} trained on {ds_name} ({weights.training}), from {paper_ref}, converted to '
                  f'safetensors for [timm](https://github.com/huggingface/pytorch-image-models) by robust-resnets.')
         numbers_title, numbers_note = 'Reported numbers', "These are the authors' numbers, not measured here."
+        numbers_source = 'the paper'
         provenance = (f"- Original checkpoint ({weights.original['layout']} layout): "
                       f"{'; '.join(weights.original['locations'])}\n"
                       f"- sha256 of the original file: `{source_sha256}`")
@@ -224,7 +228,7 @@ model = timm.create_model('{weights.name}', pretrained=True).eval()
 | --- | --- |
 {rows}
 
-Source: {rep.get('source') or 'the paper'}. {numbers_note}
+Source: {rep.get('source') or numbers_source}. {numbers_note}
 {notes}
 ## Provenance
 
@@ -270,8 +274,8 @@ def convert_checkpoint(
         name: Manifest entry, ``arch.tag``.
         out_dir: Folder to write model.safetensors, config.json and README.md into (created if needed).
         layout: Key layout of the original (family-specific, e.g. 'huang2022'); detected when None.
-        dtype: Storage dtype of the floating-point tensors ('float32', 'float16', 'bfloat16'); None stores
-            the model's own (float32). Models load any of them into their float32 parameters.
+        dtype: Storage dtype of the parameters ('float32', 'float16', 'bfloat16'); None stores the model's
+            own (float32). Buffers stay float32. Models load any of them into their float32 parameters.
         overwrite: Replace files already in ``out_dir``.
 
     Raises:
@@ -295,7 +299,8 @@ def convert_checkpoint(
     raw = load_original_checkpoint(checkpoint)
     model, detected = _map_and_load(raw, weights, layout)
     cast = STORAGE_DTYPES.get(dtype)
-    tensors = {k: (v.to(cast) if cast is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+    params = {k for k, _ in model.named_parameters()}
+    tensors = {k: (v.to(cast) if cast is not None and k in params else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
     source_sha256 = sha256_file(checkpoint)
     metadata = {
@@ -326,5 +331,10 @@ def convert_checkpoint(
         for path in tmp.values():
             path.unlink(missing_ok=True)
     entry = {k: v for k, v in weights.to_json().items() if k != 'paper'}
-    entry.update(sha256=sha256, size=size, published=True)
+    entry.update(sha256=sha256, size=size)
+    packaged = _manifest.PACKAGED_WEIGHTS_DIR
+    if packaged in out_dir.resolve().parents:  # shipped inside the package, not (yet) on the Hub
+        entry['package_file'] = (out_dir.resolve() / 'model.safetensors').relative_to(packaged).as_posix()
+    else:
+        entry['published'] = True
     return ConversionResult(name=weights.name, out_dir=out_dir, layout=detected, sha256=sha256, size=size, entry=entry)

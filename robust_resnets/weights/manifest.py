@@ -66,8 +66,8 @@ ENTRY_FIELDS: Dict[str, Tuple[bool, str]] = {
     'license': (True, "licence of the weights (SPDX-style id, or 'unknown')"),
     'published': (True, 'true once the file is on the Hub with the sha256 above'),
     'model_args': (False, 'keyword arguments the architecture needs for this checkpoint'),
-    'package_file': (False, 'weights shipped inside the package: a path under robust_resnets/weights/packaged/ '
-                            "(e.g. 'robust_resnet_a0.cifar10/model.safetensors'), loaded from there instead of the Hub"),
+    'package_file': (False, "weights shipped inside the package: '<arch>.<tag>/model.safetensors', a path under "
+                            'robust_resnets/weights/packaged/; loaded from there instead of the Hub'),
     'origin': (False, "'authors' (default: converted from the authors' release) or 'robust-resnets' (trained by this "
                       'project; `reported` then holds numbers measured here)'),
     'notes': (False, 'free text'),
@@ -278,12 +278,9 @@ def validate_entry(name: str, entry: Mapping[str, Any]) -> List[str]:
     if published is True and (sha is None or nbytes is None):
         errors.append('a published entry needs its sha256 and size (robust-resnets convert prints both)')
     if 'package_file' in entry:
-        pkg = entry['package_file']
-        parts = pkg.split('/') if isinstance(pkg, str) else []
-        if not parts or not pkg.endswith('.safetensors') or '\\' in pkg \
-                or any(p in ('', '.', '..') for p in parts):
-            errors.append(f"package_file must be a relative path like 'arch.tag/model.safetensors' under "
-                          f"robust_resnets/weights/packaged/, got {pkg!r}")
+        if entry['package_file'] != f'{name}/model.safetensors':
+            errors.append(f"package_file must be '{name}/model.safetensors' (one folder per entry under "
+                          f"robust_resnets/weights/packaged/), got {entry['package_file']!r}")
         if sha is None or nbytes is None:
             errors.append('an entry with package_file needs its sha256 and size (robust-resnets convert prints both)')
     if 'origin' in entry and entry['origin'] not in ORIGINS:
