@@ -16,27 +16,19 @@ Light imports only at module level: the shell calls it often.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-#: Packages whose versions every record names (the ones the session installs from wheels included).
-PACKAGES = ('torch', 'torchvision', 'timm', 'safetensors', 'huggingface_hub', 'numpy', 'pyautoattack', 'torchprofile',
-            'robustbench', 'robust-resnets')
-
-
 # --- small utilities -----------------------------------------------------------------------------------------
 def write_json(path: Path, payload: Dict[str, Any]) -> None:
-    """Writes ``payload`` to ``path`` atomically (a temporary file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(payload, indent=2) + '\n')
-    os.replace(tmp, path)
+    """Writes ``payload`` to ``path`` atomically (the evaluation's results writer, imported only when writing)."""
+    from robust_resnets.evaluation.results import write_json as write_atomically
+
+    write_atomically(payload, path)
 
 
 def read_json(path: Path) -> Dict[str, Any]:
@@ -53,38 +45,14 @@ def read_json(path: Path) -> Dict[str, Any]:
 
 
 def environment(command: Optional[str] = None) -> Dict[str, Any]:
-    """Date, command, device (GPU name, CUDA, driver) and the versions of :data:`PACKAGES`."""
-    import importlib.metadata as md
-    import subprocess
-
+    """The speed benchmarks' environment record (:func:`benchmarks.speed.environment`) of this process's device,
+    under the session's command."""
     import torch
 
-    env: Dict[str, Any] = {
-        'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-        'command': command or os.environ.get('GPU_SESSION_COMMAND') or ' '.join(sys.argv),
-        'python': platform.python_version(), 'platform': platform.platform(),
-        'device': 'cuda' if torch.cuda.is_available() else 'cpu', 'torch': torch.__version__,
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
-                   gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), multiprocessors=props.multi_processor_count)
-        try:
-            env['driver'] = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
-                                           capture_output=True, text=True, timeout=30).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            env['driver'] = None
-    else:
-        env['cpu'] = platform.processor() or platform.machine()
-        env['cpu_threads'] = torch.get_num_threads()
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    env['versions'] = versions
-    return env
+    from benchmarks.speed import environment as speed_environment
+
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return speed_environment(device, command=command or os.environ.get('GPU_SESSION_COMMAND') or ' '.join(sys.argv))
 
 
 def _config_dict(recipe: str, overrides: Sequence[str]) -> Dict[str, Any]:

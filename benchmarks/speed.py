@@ -39,19 +39,42 @@ PASSES_PER_IMAGE = 11  # TRADES PGD-10: ten attack passes and the training pass 
 
 
 # --- shared --------------------------------------------------------------------------------------------
-def environment(device: torch.device) -> Dict[str, Any]:
-    """Device, library versions, date and command line, written beside every result."""
+#: Packages whose versions every record names (those a GPU session installs from wheels included).
+PACKAGES = ('torch', 'torchvision', 'timm', 'safetensors', 'huggingface_hub', 'numpy', 'pyautoattack', 'torchprofile',
+            'robustbench', 'robust-resnets')
+
+
+def environment(device: torch.device, *, command: Optional[str] = None) -> Dict[str, Any]:
+    """Date, command, device (GPU name, CUDA, driver, memory) and package versions, written beside every result."""
+    import importlib.metadata as md
+    import subprocess
+
     import timm
 
-    env = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-           'command': 'python -m benchmarks speed ' + ' '.join(sys.argv[2:]),
-           'python': platform.python_version(), 'torch': torch.__version__, 'timm': timm.__version__,
-           'device': str(device)}
+    env: Dict[str, Any] = {
+        'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'command': command or 'python -m benchmarks speed ' + ' '.join(sys.argv[2:]),
+        'python': platform.python_version(), 'platform': platform.platform(),
+        'torch': torch.__version__, 'timm': timm.__version__, 'device': str(device)}
     if device.type == 'cuda':
-        env['gpu'] = torch.cuda.get_device_name(device)
-        env['cuda'] = torch.version.cuda
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), multiprocessors=props.multi_processor_count)
+        try:
+            env['driver'] = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                                           capture_output=True, text=True, timeout=30).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            env['driver'] = None
     else:
         env['cpu'] = platform.processor() or platform.machine()
+        env['cpu_threads'] = torch.get_num_threads()
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    env['versions'] = versions
     return env
 
 
@@ -79,13 +102,10 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def _write(out: Optional[str], payload: Dict[str, Any]) -> None:
-    if out is None:
-        return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(payload, indent=2) + '\n')
-    tmp.replace(path)
+    if out is not None:
+        from robust_resnets.evaluation.results import write_json
+
+        write_json(payload, out)
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -124,6 +126,10 @@ def test_conversion_is_byte_reproducible(trained_run, tmp_path, monkeypatch):
     files = [convert_checkpoint(trained_run / 'model.safetensors', name=NAME, out_dir=tmp_path / f'out{i}',
                                 dtype='float16').out_dir / 'model.safetensors' for i in range(3)]
     assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (files[0], trained_run / 'model.safetensors'):  # not safetensors' owner-only default
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
     with safe_open(str(files[0]), framework='pt') as f:
         meta = f.metadata()
         assert meta['name'] == NAME and meta['dtype'] == 'float16'

@@ -332,8 +332,9 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 
 def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, Any]) -> None:
     """Writes ``model.safetensors`` and timm's ``config.json`` into the run directory (each atomically)."""
-    from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
+
+    from robust_resnets.weights.convert import save_safetensors
 
     model_args = {k: v for k, v in cfg.model.kwargs.items()}
     training = {'recipe': cfg.description, 'objective': cfg.objective.name, 'epochs': cfg.run.epochs,
@@ -341,14 +342,11 @@ def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, 
                 'dataset': cfg.data.dataset, 'ema': cfg.ema.enabled, **extra}
     with tempfile.TemporaryDirectory(dir=run_dir, prefix='.export-') as tmp:
         # timm's save_for_hf refuses to run without a Hub-capable huggingface_hub under timm 1.0.9
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(tmp) / 'model.safetensors'),
-                  metadata={'format': 'pt'})
+        save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, Path(tmp) / 'model.safetensors',
+                         metadata={'format': 'pt'})
         save_config_for_hf(model, Path(tmp) / 'config.json', model_config={'training': training},
                            model_args=model_args)
-        umask = os.umask(0)
-        os.umask(umask)
         for name in ('model.safetensors', 'config.json'):
-            os.chmod(Path(tmp) / name, 0o666 & ~umask)  # safetensors writes owner-only files
             os.replace(Path(tmp) / name, run_dir / name)
 
 

@@ -22,7 +22,8 @@ from .hub import sha256_file
 from . import manifest as _manifest
 from .manifest import PretrainedWeights, get_weights
 
-__all__ = ['ConversionResult', 'load_original_checkpoint', 'family_module', 'convert_checkpoint', 'model_card']
+__all__ = ['ConversionResult', 'load_original_checkpoint', 'family_module', 'convert_checkpoint', 'model_card',
+           'save_safetensors']
 
 OUTPUT_FILES = ('model.safetensors', 'config.json', 'README.md')
 #: Storage dtypes of ``convert_checkpoint(dtype=...)``: parameters are cast; buffers (normalisation statistics,
@@ -136,24 +137,29 @@ def _map_and_load(raw: Dict[str, Any], weights: PretrainedWeights,
     return model.eval(), detected
 
 
-def _sort_metadata_in_place(path: Path) -> None:
-    """Rewrites a safetensors header with its ``__metadata__`` keys sorted, so a conversion is byte-reproducible.
+def save_safetensors(tensors: Dict[str, torch.Tensor], path: os.PathLike, *, metadata: Dict[str, str]) -> None:
+    """Writes a safetensors file that is byte-reproducible and readable like any file the process creates.
 
-    safetensors writes the metadata in hash-map order, which changes from run to run; the tensors' entries and
-    data are already deterministic. The header keeps its length (same JSON, reordered), so only it is rewritten.
+    safetensors writes its metadata in hash-map order, which changes from run to run (the tensors' entries and
+    data are deterministic), and creates owner-only files. Here the metadata keys are sorted in place (the
+    header keeps its length) and the file gets the permissions the umask gives.
     """
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
     with open(path, 'r+b') as f:
         size = int.from_bytes(f.read(8), 'little')
-        raw = f.read(size)
-        header = json.loads(raw)
-        header['__metadata__'] = dict(sorted(header.get('__metadata__', {}).items()))
-        header = {'__metadata__': header.pop('__metadata__'), **header}
+        header = json.loads(f.read(size))
+        header['__metadata__'] = dict(sorted(header['__metadata__'].items()))
         text = json.dumps(header, separators=(',', ':'), ensure_ascii=False).encode('utf-8')
         if len(text) > size:
             raise RuntimeError(f'{path}: re-serialising its safetensors header changed its length ({len(text)} vs '
                                f'{size} bytes), so it was not rewritten; please report this.')
         f.seek(8)
         f.write(text + b' ' * (size - len(text)))  # safetensors pads its header with spaces
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def model_card(weights: PretrainedWeights, *, sha256: str, source_sha256: str) -> str:
@@ -314,17 +320,11 @@ def convert_checkpoint(
     # every file goes to a temporary name first; they are renamed into place only when all are written
     tmp = {f: out_dir / f'.{f}.tmp-{os.getpid()}' for f in OUTPUT_FILES}
     try:
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(tmp['model.safetensors']), metadata=metadata)
-        _sort_metadata_in_place(tmp['model.safetensors'])
+        save_safetensors(tensors, tmp['model.safetensors'], metadata=metadata)
         sha256 = sha256_file(tmp['model.safetensors'])
         size = tmp['model.safetensors'].stat().st_size
         tmp['config.json'].write_text(json.dumps(_config(weights, model), indent=2) + '\n', encoding='utf-8')
         tmp['README.md'].write_text(model_card(weights, sha256=sha256, source_sha256=source_sha256), encoding='utf-8')
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp['model.safetensors'], 0o666 & ~umask)  # safetensors writes owner-only files
         for fname, path in tmp.items():
             os.replace(path, out_dir / fname)
     finally:
