@@ -268,6 +268,14 @@ def test_kill_and_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     assert again['status'] == 'finished' and again['step'] == 6
     assert exported == {f: (tmp_path / 'killed' / f).read_bytes() for f in exported}  # its export and log are kept
 
+    # killed during its final export: resuming exports again, with the final metrics kept in last.pt
+    for f in ('model.safetensors', 'config.json'):
+        (tmp_path / 'killed' / f).unlink()
+    train(_resume_cfg(), tmp_path / 'killed', data=data, resume=True)
+    assert (tmp_path / 'killed' / 'model.safetensors').read_bytes() == exported['model.safetensors']
+    training = lambda p: json.loads((p / 'config.json').read_text())['training']  # noqa: E731
+    assert training(tmp_path / 'killed')['final_metrics'] == training(tmp_path / 'straight')['final_metrics'] != {}
+
 
 def test_resume_and_run_directory_errors(tmp_path):
     from robust_resnets.training.trainer import train

@@ -497,6 +497,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
                             dynamic=cfg.ema.dynamic)
 
     step, best, accum = 0, None, None
+    last_eval: Dict[str, float] = {}  # the newest validation metrics
     if ckpt is not None:
         raw.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -504,6 +505,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         if ema is not None:
             ema.module.load_state_dict(ckpt['ema'])
         step, best, accum = ckpt['step'], ckpt['best'], ckpt['accum']
+        last_eval = ckpt.get('last_eval', {})  # absent from checkpoints written before it was kept
         _set_rng_state(ckpt['rng'], device)
     ckpt_loaded = ckpt is not None
     # resuming a run that already ended: nothing to train, and its exported weights and metrics stay as they are
@@ -541,7 +543,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
             'format_version': CHECKPOINT_VERSION, 'config': config_to_dict(cfg), 'step': step,
             'epoch': step // spe, 'model': raw.state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'ema': ema.module.state_dict() if ema is not None else None,
-            'rng': _rng_state(device), 'best': best, 'accum': accum.cpu(),
+            'rng': _rng_state(device), 'best': best, 'accum': accum.cpu(), 'last_eval': last_eval,
         }, run_dir / 'last.pt')
         saved_at[0] = step
 
@@ -558,7 +560,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         progress = tqdm(total=total_steps, initial=step, unit='step', dynamic_ncols=True,
                         desc=f'epoch {step // spe + 1}/{cfg.run.epochs}')
     bns = _batch_norms(raw)
-    last_eval: Dict[str, float] = {}
     status = 'finished'
     epoch_start = time.time()
     file_batches = None
