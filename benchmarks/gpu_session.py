@@ -136,7 +136,8 @@ def run_step(run_dir: Path) -> int:
         return 0
     import torch
 
-    return int(torch.load(last, map_location='cpu', weights_only=False, mmap=True)['step'])
+    # mmap needs a str filename before torch 2.2
+    return int(torch.load(str(last), map_location='cpu', weights_only=False, mmap=True)['step'])
 
 
 def max_steps(*, run_dir: Path, img_s: float, seconds: float, batch_size: int, total_steps: int,

@@ -90,12 +90,11 @@ def _mapping() -> Dict[Any, Any]:
         aten.mean: _out_numel,
         aten.leaky_relu: _out_numel,
         aten.upsample_bilinear2d: lambda *a, out_shape=None, **k: 4 * _out_numel(out_shape=out_shape),
-        aten._scaled_dot_product_flash_attention: _sdpa_macs,
-        aten._scaled_dot_product_efficient_attention: _sdpa_macs,
-        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_macs,
     }
-    if hasattr(aten, '_scaled_dot_product_cudnn_attention'):
-        mapping[aten._scaled_dot_product_cudnn_attention] = _sdpa_macs
+    for name in ('_scaled_dot_product_flash_attention', '_scaled_dot_product_efficient_attention',
+                 '_scaled_dot_product_flash_attention_for_cpu', '_scaled_dot_product_cudnn_attention'):
+        if hasattr(aten, name):  # which fused attention kernels exist depends on the torch release
+            mapping[getattr(aten, name)] = _sdpa_macs
     return mapping
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -351,7 +352,16 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, config_to_dict(cfg), data, str(tmp_path / 'ddp')), nprocs=2, join=True)
+    workers = mp.spawn(_ddp_worker, args=(port, config_to_dict(cfg), data, str(tmp_path / 'ddp')), nprocs=2,
+                       join=False)
+    # a hang fails the test instead of the whole suite: with torch 2.1, gloo's process-group teardown
+    # left one worker waiting forever in 9 of 67 runs
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail('the two DDP workers did not finish within 300 s')
     from robust_resnets.training.trainer import train
     train(cfg, tmp_path / 'single', data=data)
     ddp = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=False)
@@ -366,7 +376,11 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert max((v - init[k]).abs().max().item() for k, v in single['model'].items()) > 1e-3
     for k, v in single['model'].items():
         torch.testing.assert_close(ddp['model'][k], v, rtol=1e-4, atol=2e-5, msg=k)
-    torch.testing.assert_close(ddp['optimizer']['state'], single['optimizer']['state'], rtol=1e-4, atol=2e-5)
+    # momentum buffers hold gradients, where such a flip shows most (2.2e-5 seen with torch 2.1); each
+    # buffer's largest entry is far above that tolerance, so a wrong reduction still fails
+    torch.testing.assert_close(ddp['optimizer']['state'], single['optimizer']['state'], rtol=1e-4, atol=1e-4)
+    buffers = [s['momentum_buffer'].abs().max().item() for s in single['optimizer']['state'].values()]
+    assert min(buffers) > 1e-3
     log = [json.loads(x) for x in (tmp_path / 'ddp' / 'metrics.jsonl').read_text().splitlines()]
     assert log[0]['world_size'] == 2
 
