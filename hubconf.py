@@ -2,6 +2,8 @@
 
 Every model robust-resnets registers with timm is an entry point with timm's keyword arguments
 (``pretrained``, ``num_classes``, ``features_only``, ...). ``torch.hub.list`` shows only models.
+A pretrained tag is chosen with ``pretrained_cfg``: ``torch.hub.load('<repo>', 'robust_resnet_a1',
+pretrained=True, pretrained_cfg='cifar10_trades')`` loads ``robust_resnet_a1.cifar10_trades``.
 """
 dependencies = ['torch', 'timm', 'huggingface_hub', 'safetensors']
 

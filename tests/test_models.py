@@ -22,8 +22,8 @@ REDUCED_KWARGS = [
     ('preact_resnet', dict(depths=(1, 1, 1), widths=(1, 1, 1))),
     ('robust_resnet_*', dict(depths=(1, 1, 1))),
     ('wrn_*', dict(depths=(1, 1, 1))),
-    ('vit_*_convstem', dict(depth=1, img_size=64)),
-    ('convnext_iso_convstem', dict(depth=1)),
+    ('vit_*_convstem', dict(depth=2, img_size=64)),  # two blocks: the first one's drop-path rate is 0
+    ('convnext_iso_convstem', dict(depth=2)),
     ('convnext_*_convstem', dict(depths=(1, 1, 1, 1))),
     ('robnet_free', dict(layers=2, share=True)),  # one code per cell: 20 codes need 20 cells
     ('robnet_*', dict(layers=2)),
@@ -165,7 +165,39 @@ def test_model_grad_checkpointing(name):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize('name', [m for m in MODELS if fnmatch.fnmatch(m, '*resnet*') or m.startswith('wrn_')])
+@pytest.mark.parametrize('name', MODELS)
+def test_model_in_chans(name):
+    """A model builds for one input channel, unless it standardises its input inside with three-channel
+    statistics: then the error says so."""
+    from robust_resnets.models.layers import InputNormalize
+
+    if isinstance(getattr(create_reduced(name), 'normalize', None), InputNormalize):
+        with pytest.raises(ValueError, match=r'3-channel mean=.*in_chans=1; pass input_mean and input_std'):
+            create_reduced(name, in_chans=1)
+        return
+    model = create_reduced(name, in_chans=1).eval()
+    c, h, w = input_size(model)
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, h, w)).shape == (2, model.num_classes)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_model_drop_path(name):
+    """drop_path_rate drops residual branches in training only: in eval mode the model computes what the same
+    weights without drop path compute (up to summation order)."""
+    plain = create_reduced(name)
+    dropping = create_reduced(name, drop_path_rate=0.5)
+    dropping.load_state_dict(plain.state_dict())
+    x = torch.rand(8, *input_size(plain))
+    with torch.no_grad():
+        torch.testing.assert_close(dropping.eval()(x), plain.eval()(x))
+        torch.manual_seed(0)
+        train_plain = plain.train()(x)
+        torch.manual_seed(0)
+        assert not torch.allclose(dropping.train()(x), train_plain)
+
+
+@pytest.mark.parametrize('name', [m for m in MODELS if not m.endswith('_convstem')])
 def test_model_torchscript(name):
     model = create_reduced(name).eval()
     x = torch.rand(2, *input_size(model))

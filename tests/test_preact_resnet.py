@@ -210,3 +210,20 @@ def test_in_model_normalisation_is_not_in_cfg():
     torch.testing.assert_close(model.normalize.mean.flatten(), torch.tensor(CIFAR10_MEAN))
     x = torch.rand(1, 3, 32, 32)
     torch.testing.assert_close(model.normalize(x), (x - model.normalize.mean) / model.normalize.std)
+    with torch.device('meta'):  # the printout of a model built for counting shows no values
+        assert 'channels=3' in repr(timm.create_model('wrn_28_10_swish').normalize)
+
+
+@pytest.mark.parametrize('name,layer', [('Softplus', 'Softplus'), ('Swish', 'SiLU'), ('GELU', 'GELU'),
+                                        ('LeakyReLU', 'LeakyReLU')])
+def test_activations_of_the_authors_configs(name, layer):
+    model = timm.create_model('preact_resnet', depths=(1, 1, 1), widths=(1, 1, 1), activations=name)
+    acts = [m for m in model.modules() if type(m).__name__ == layer]
+    assert len(acts) == 7  # two per block and the head's
+    if name == 'Softplus':
+        assert (acts[0].beta, acts[0].threshold) == (1.0, 20.0)
+
+
+def test_layer_norm_has_the_authors_eps():
+    model = timm.create_model('preact_resnet', depths=(1, 1, 1), widths=(1, 1, 1), normalizations='LayerNorm')
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}

@@ -123,8 +123,9 @@ class ConvStemPatchEmbed(PatchEmbed):
         self.proj = stem.to(device=patch.weight.device, dtype=patch.weight.dtype)
 
 
-def _input_normalize(input_norm: bool, input_mean: Sequence[float], input_std: Sequence[float]) -> nn.Module:
-    return InputNormalize(input_mean, input_std) if input_norm else nn.Identity()
+def _input_normalize(input_norm: bool, input_mean: Sequence[float], input_std: Sequence[float],
+                     in_chans: int) -> nn.Module:
+    return InputNormalize(input_mean, input_std, in_chans=in_chans) if input_norm else nn.Identity()
 
 
 class ConvStemVisionTransformer(VisionTransformer):
@@ -150,7 +151,7 @@ class ConvStemVisionTransformer(VisionTransformer):
         if 'embed_layer' in kwargs:
             raise ValueError('ConvStemVisionTransformer builds its own embed_layer; configure it with stem_widths.')
         super().__init__(embed_layer=partial(ConvStemPatchEmbed, stem_widths=tuple(stem_widths)), **kwargs)
-        self.normalize = _input_normalize(input_norm, input_mean, input_std)
+        self.normalize = _input_normalize(input_norm, input_mean, input_std, kwargs.get('in_chans', 3))
 
     def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return super().forward_features(self.normalize(x), *args, **kwargs)
@@ -191,7 +192,7 @@ class ConvStemConvNeXt(ConvNeXt):
                              f'channels at stride {stem.stride} from stem_widths={tuple(stem_widths)}, '
                              f'stem_strides={tuple(stem_strides)}.')
         self.stem = stem.to(device=self.stem[0].weight.device, dtype=self.stem[0].weight.dtype)
-        self.normalize = _input_normalize(input_norm, input_mean, input_std)
+        self.normalize = _input_normalize(input_norm, input_mean, input_std, kwargs.get('in_chans', 3))
         # timm's FeatureListNet (features_only) runs the children in registration order: normalize goes first
         for name in [n for n in self._modules if n != 'normalize']:
             self._modules[name] = self._modules.pop(name)
@@ -251,7 +252,7 @@ class ConvNeXtIsotropic(ClassifierHeadMixin, nn.Module):
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        self.normalize = _input_normalize(input_norm, input_mean, input_std)
+        self.normalize = _input_normalize(input_norm, input_mean, input_std, in_chans)
         self.stem = ConvStem(in_chans, stem_widths, (2,) * len(stem_widths), out_chs=dim)
         reduction = self.stem.stride
         dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()

@@ -32,6 +32,7 @@ from .layers import ClassifierHeadMixin, strip_checkpoint_wrappers
 __all__ = [
     'Genotype', 'GENOTYPES', 'DARTS_CONFIGS', 'OPS', 'ReLUConvBN', 'SepConv', 'DilConv', 'Conv7x1x7', 'Zero',
     'FactorizedReduce', 'skip_connect', 'preprocess_inputs', 'resolve_genotype', 'CellNetwork', 'DartsCell',
+    'edge_drop_path',
     'DartsNetwork', 'checkpoint_filter_fn', 'detect_layout', 'original_keys', 'filter_cell_network_checkpoint',
     'feature_cfg', 'ROBNETS_OP_KEY',
 ]
@@ -212,23 +213,31 @@ class DartsCell(nn.Module):
         self.concat = [int(i) for i in concat]
         self.ops = nn.ModuleList([
             OPS[name](chs, 2 if reduction and index < 2 else 1, affine) for name, index in edges])
-        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.drop_path, self.dropped = edge_drop_path(self.ops, drop_path_rate)
         self.out_channels = len(self.concat) * chs
 
     def _original_names(self) -> Dict[str, str]:
         return {'ops': '_ops'}
 
-    def _edge(self, op: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        x = op(x)
-        return x if isinstance(op, nn.Identity) else self.drop_path(x)
-
     def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        for node in range(len(self.ops) // 2):
-            a, b = 2 * node, 2 * node + 1
-            states.append(self._edge(self.ops[a], states[self.indices[a]]) +
-                          self._edge(self.ops[b], states[self.indices[b]]))
+        first = states[0]
+        for i, op in enumerate(self.ops):  # node n sums edges 2n and 2n + 1
+            out = op(states[self.indices[i]])
+            if self.dropped[i]:
+                out = self.drop_path(out)
+            if i % 2 == 0:
+                first = out
+            else:
+                states.append(first + out)
         return torch.cat([states[i] for i in self.concat], dim=1)
+
+
+def edge_drop_path(ops: Sequence[nn.Module], rate: float) -> Tuple[nn.Module, List[bool]]:
+    """DARTS' drop path of a cell: one ``DropPath(rate)`` (Identity at 0), and for each operation whether it
+    applies (not to identity and zero edges)."""
+    return (DropPath(rate) if rate > 0 else nn.Identity(),
+            [rate > 0 and not isinstance(op, (nn.Identity, Zero)) for op in ops])
 
 
 def _check_genotype_half(edges: Sequence[Tuple[str, int]], concat: Sequence[int], half: str) -> None:
@@ -282,10 +291,13 @@ class CellNetwork(ClassifierHeadMixin, nn.Module):
         in_chans: Input channels.
         global_pool: Global pooling type of the head.
         drop_rate: Dropout before the classifier.
+        drop_path_rate: Drop-path probability on the cells' operations (not identity or zero edges) in
+            training: DARTS' ``drop_path_prob``, one rate for every cell.
     """
 
     def __init__(self, *, C: int, layers: int, stem_type: str = 'cifar', stem_multiplier: int = 3,
-                 num_classes: int = 10, in_chans: int = 3, global_pool: str = 'avg', drop_rate: float = 0.0) -> None:
+                 num_classes: int = 10, in_chans: int = 3, global_pool: str = 'avg', drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if C < 2 or C % 2 or layers < 1:
             raise ValueError(f'C must be an even number >= 2 and layers >= 1, got C={C}, layers={layers}.')
@@ -293,6 +305,7 @@ class CellNetwork(ClassifierHeadMixin, nn.Module):
             raise ValueError(f"Unknown stem_type '{stem_type}'; use one of {STEM_TYPES}.")
         self.num_classes = num_classes
         self.drop_rate = drop_rate
+        self.drop_path_rate = drop_path_rate
         self.grad_checkpointing = False
         self.stem_type = stem_type
 
@@ -386,22 +399,19 @@ class DartsNetwork(CellNetwork):
         C: Node channels of the first cells.
         layers: Number of cells.
         affine: Whether the cells' batch norms are affine (True in the authors' evaluation networks).
-        drop_path_rate: Drop-path probability on non-identity cell operations in training (the
-            authors' ``drop_path_prob``, one rate for every cell).
-        **kwargs: Stem and head arguments of :class:`CellNetwork`.
+        **kwargs: Stem, head and drop-path arguments of :class:`CellNetwork`.
     """
 
     def __init__(self, genotype: Union[str, Genotype] = 'advrush', C: int = 36, layers: int = 20, *,
-                 affine: bool = True, drop_path_rate: float = 0.0, **kwargs: Any) -> None:
+                 affine: bool = True, **kwargs: Any) -> None:
         self.genotype = resolve_genotype(genotype)
         self._affine = affine
-        self._drop_path_rate = drop_path_rate
         super().__init__(C=C, layers=layers, **kwargs)
 
     def _make_cell(self, index: int, prev_prev_chs: int, prev_chs: int, chs: int, reduction: bool,
                    reduction_prev: bool) -> nn.Module:
         return DartsCell(self.genotype, prev_prev_chs, prev_chs, chs, reduction, reduction_prev,
-                         affine=self._affine, drop_path_rate=self._drop_path_rate)
+                         affine=self._affine, drop_path_rate=self.drop_path_rate)
 
 
 # --- checkpoint layouts ------------------------------------------------------------------------------

@@ -43,12 +43,22 @@ class InputNormalize(nn.Module):
     timm pretrained cfg of such a model keeps ``mean=0, std=1``.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], *, in_chans: Optional[int] = None) -> None:
+        """
+        Args:
+            mean: Per-channel mean.
+            std: Per-channel standard deviation.
+            in_chans: Input channels of the model, checked against ``len(mean)``.
+        """
         super().__init__()
         if len(mean) != len(std):
             raise ValueError(f'mean has {len(mean)} channels but std has {len(std)}; give one value per channel.')
         if any(s <= 0 for s in std):
             raise ValueError(f'std must be positive, got {tuple(std)}.')
+        if in_chans is not None and in_chans != len(mean):
+            raise ValueError(f'The model standardises its input inside with {len(mean)}-channel mean={tuple(mean)}, '
+                             f'std={tuple(std)}, but in_chans={in_chans}; pass input_mean and input_std with '
+                             f'{in_chans} values each, or build it without in-model standardisation.')
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
@@ -56,6 +66,8 @@ class InputNormalize(nn.Module):
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:
+        if self.mean.is_meta:  # no values to show
+            return f'channels={self.mean.shape[0]}'
         return f'mean={tuple(round(v, 4) for v in self.mean.flatten().tolist())}, ' \
                f'std={tuple(round(v, 4) for v in self.std.flatten().tolist())}'
 
@@ -67,16 +79,21 @@ class GroupNorm8(nn.GroupNorm):
         super().__init__(max(num_channels // 8, 1), num_channels, eps=eps, affine=affine, **kwargs)
 
 
+# the authors' LayerNorm2d is a channels-last nn.LayerNorm (eps 1e-5), timm's default eps is 1e-6
+_LAYER_NORM_2D = partial(LayerNorm2d, eps=1e-5)
+
 _NORM_LAYERS = {
     'batchnorm': nn.BatchNorm2d,
     'batchnorm2d': nn.BatchNorm2d,
     'groupnorm': GroupNorm8,
-    'layernorm': LayerNorm2d,
-    'layernorm2d': LayerNorm2d,
+    'layernorm': _LAYER_NORM_2D,
+    'layernorm2d': _LAYER_NORM_2D,
     'instancenorm': partial(nn.InstanceNorm2d, affine=False),
 }
 
 _ACT_ALIASES = {'leakyrelu': 'leaky_relu', 'swish': 'silu'}
+#: Activations of the authors' configs that timm's ``get_act_layer`` does not name.
+_ACT_LAYERS = {'softplus': nn.Softplus}  # beta 1, threshold 20, as Huang et al.'s Softplus
 
 
 def resolve_act_layer(act: Optional[LayerType]) -> Callable[..., nn.Module]:
@@ -92,7 +109,7 @@ def resolve_act_layer(act: Optional[LayerType]) -> Callable[..., nn.Module]:
     key = act.lower().replace('-', '_')
     key = _ACT_ALIASES.get(key, key)
     try:
-        layer = get_act_layer(key)
+        layer = _ACT_LAYERS.get(key) or get_act_layer(key)
     except KeyError:
         layer = None
     if layer is None:

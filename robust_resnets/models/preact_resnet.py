@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, create_act_layer, create_conv2d
+from timm.layers import ClassifierHead, DropPath, create_act_layer, create_conv2d
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..weights import resolve_pretrained_kwargs
@@ -57,6 +57,7 @@ class PreActBasicBlock(nn.Module):
         activation: Activation name or class.
         normalization: Normalisation name or class.
         padding: '' for symmetric padding, 'same' for TF-style padding (RobustBench's DMWideResNet).
+        drop_path: Stochastic-depth rate of the residual branch in training.
     """
 
     expansion = 1
@@ -71,6 +72,7 @@ class PreActBasicBlock(nn.Module):
             activation: LayerType = 'ReLU',
             normalization: LayerType = 'BatchNorm',
             padding: str = '',
+            drop_path: float = 0.0,
             **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -84,6 +86,7 @@ class PreActBasicBlock(nn.Module):
         self.act2 = create_act_layer(act_layer, inplace=True)
         self.conv2 = _conv(out_chs, out_chs, kernel_size, padding=padding)
         self.shortcut = _conv(in_chs, out_chs, 1, stride=stride) if stride != 1 or in_chs != out_chs else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.norm1(x))
@@ -92,7 +95,7 @@ class PreActBasicBlock(nn.Module):
             shortcut = self.shortcut(out)
         out = self.conv1(out)
         out = self.conv2(self.act2(self.norm2(out)))
-        return out + shortcut
+        return self.drop_path(out) + shortcut
 
 
 class ResidualSqueezeExcite(nn.Module):
@@ -134,6 +137,7 @@ class RobustResBlock(nn.Module):
         activation: Activation name or class.
         normalization: Normalisation name or class.
         padding: '' for symmetric padding, 'same' for TF-style padding.
+        drop_path: Stochastic-depth rate of the residual branches (convolutions and SE) in training.
     """
 
     expansion = 4
@@ -152,6 +156,7 @@ class RobustResBlock(nn.Module):
             activation: LayerType = 'ReLU',
             normalization: LayerType = 'BatchNorm',
             padding: str = '',
+            drop_path: float = 0.0,
             **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -185,6 +190,7 @@ class RobustResBlock(nn.Module):
         self.se = ResidualSqueezeExcite(out_features, reduction=se_reduction)
         self.shortcut = _conv(in_chs, out_features, 1, stride=stride) \
             if stride > 1 or in_chs != out_features else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -210,7 +216,10 @@ class RobustResBlock(nn.Module):
             ys.append(last)
             out = torch.cat(ys, 1)
         out = self.conv3(out)
-        return out + shortcut + self.se(self.se_norm(out))
+        se = self.se(self.se_norm(out))
+        if self.drop_path is None:
+            return out + shortcut + se  # the authors' summation order, for bit-exact outputs
+        return self.drop_path(out + se) + shortcut
 
 
 _BLOCKS = {'basic': PreActBasicBlock, 'basic_block': PreActBasicBlock, 'robust_res_block': RobustResBlock}
@@ -225,14 +234,15 @@ def _block_cls(block_type: str) -> type:
 class PreActStage(nn.Module):
     """A stage of blocks; the first one strides and changes width."""
 
-    def __init__(self, in_chs: int, out_chs: int, depth: int, stride: int, block_type: str,
-                 **block_kwargs: Any) -> None:
+    def __init__(self, in_chs: int, out_chs: int, depth: int, stride: int, block_type: str, *,
+                 drop_path_rates: Optional[Sequence[float]] = None, **block_kwargs: Any) -> None:
         super().__init__()
         block_cls = _block_cls(block_type)
+        drop_path_rates = drop_path_rates or [0.0] * depth
         self.grad_checkpointing = False
         blocks = []
         for i in range(depth):
-            block = block_cls(in_chs, out_chs, stride if i == 0 else 1, **block_kwargs)
+            block = block_cls(in_chs, out_chs, stride if i == 0 else 1, drop_path=drop_path_rates[i], **block_kwargs)
             in_chs = block.out_channels
             blocks.append(block)
         self.out_channels = in_chs
@@ -278,6 +288,7 @@ class PreActResNet(ClassifierHeadMixin, nn.Module):
         in_chans: Input channels.
         global_pool: Global pooling type of the head.
         drop_rate: Dropout before the classifier.
+        drop_path_rate: Stochastic-depth rate, increasing linearly over the blocks to this value.
     """
 
     def __init__(
@@ -304,6 +315,7 @@ class PreActResNet(ClassifierHeadMixin, nn.Module):
             in_chans: int = 3,
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         n = len(depths)
@@ -326,16 +338,19 @@ class PreActResNet(ClassifierHeadMixin, nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
-        self.normalize = InputNormalize(input_mean, input_std) if input_mean is not None else nn.Identity()
+        self.normalize = InputNormalize(input_mean, input_std, in_chans=in_chans) if input_mean is not None \
+            else nn.Identity()
         self.stem = nn.Conv2d(in_chans, stem_chs, kernel_size=3, stride=1, padding=1, bias=False)
 
         self.feature_info: List[Dict[str, Any]] = []
         prev_chs = stem_chs
         reduction = 1
         stages = []
+        dpr = torch.linspace(0, drop_path_rate, sum(int(d) for d in depths), device='cpu').split(
+            [int(d) for d in depths])
         for i in range(n):
             stage = PreActStage(
-                prev_chs, channels[i], int(depths[i]), strides[i], block_types[i],
+                prev_chs, channels[i], int(depths[i]), strides[i], block_types[i], drop_path_rates=dpr[i].tolist(),
                 kernel_size=kernel_sizes[i], activation=activations[i], normalization=normalizations[i],
                 scales=scales, base_width=base_width, cardinality=cardinality, se_reduction=se_reduction,
                 padding=padding)

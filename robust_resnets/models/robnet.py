@@ -24,8 +24,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..weights import resolve_pretrained_kwargs
 from .darts import (
-    ROBNETS_OP_KEY, CellNetwork, SepConv, Zero, cell_network_cfg, feature_cfg, filter_cell_network_checkpoint,
-    preprocess_inputs, skip_connect,
+    ROBNETS_OP_KEY, CellNetwork, SepConv, Zero, cell_network_cfg, edge_drop_path, feature_cfg,
+    filter_cell_network_checkpoint, preprocess_inputs, skip_connect,
 )
 from .layers import strip_checkpoint_wrappers
 
@@ -105,19 +105,19 @@ class RobNetCell(nn.Module):
         steps: Intermediate nodes.
         multiplier: Trailing states concatenated into the output.
         affine: Whether batch norms are affine (False in the released RobNets).
+        drop_path_rate: Drop-path probability on the operations (not identity or zero edges) in training.
     """
 
     def __init__(self, code: Sequence[str], prev_prev_chs: int, prev_chs: int, chs: int, reduction: bool,
-                 reduction_prev: bool, *, steps: int = 4, multiplier: int = 4, affine: bool = False) -> None:
+                 reduction_prev: bool, *, steps: int = 4, multiplier: int = 4, affine: bool = False,
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.preprocess0, self.preprocess1 = preprocess_inputs(prev_prev_chs, prev_chs, chs, reduction_prev, affine)
-        ops = []
-        for node in range(steps):
-            for j in range(2 + node):
-                stride = 2 if reduction and j < 2 else 1
-                ops.append(ROBNET_OPS[code[len(ops)]](chs, stride, affine))
-        self.ops = nn.ModuleList(ops)
-        self.steps = steps
+        #: the state each edge reads: node n reads states 0 .. n + 1
+        self.inputs = [j for node in range(steps) for j in range(2 + node)]
+        self.ops = nn.ModuleList([
+            ROBNET_OPS[code[k]](chs, 2 if reduction and j < 2 else 1, affine) for k, j in enumerate(self.inputs)])
+        self.drop_path, self.dropped = edge_drop_path(self.ops, drop_path_rate)
         self.multiplier = multiplier
         self.out_channels = multiplier * chs
 
@@ -127,13 +127,15 @@ class RobNetCell(nn.Module):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        k = 0
-        for _ in range(self.steps):
-            node = self.ops[k](states[0])
-            for j in range(1, len(states)):
-                node = node + self.ops[k + j](states[j])
-            k += len(states)
-            states.append(node)
+        node = states[0]
+        for i, op in enumerate(self.ops):
+            j = self.inputs[i]
+            out = op(states[j])
+            if self.dropped[i]:
+                out = self.drop_path(out)
+            node = out if j == 0 else node + out
+            if j == len(states) - 1:  # the node's last edge
+                states.append(node)
         return torch.cat(states[-self.multiplier:], dim=1)
 
 
@@ -174,7 +176,7 @@ class RobNet(CellNetwork):
         multiplier: Trailing nodes concatenated into a cell's output.
         share: Use the first cell code for every cell.
         affine: Whether the cells' batch norms are affine (False in the released RobNets).
-        **kwargs: Stem and head arguments of :class:`~robust_resnets.models.darts.CellNetwork`
+        **kwargs: Stem, head and drop-path arguments of :class:`~robust_resnets.models.darts.CellNetwork`
             (``stem_type='imagenet'`` for the ImageNet RobNets).
     """
 
@@ -189,7 +191,8 @@ class RobNet(CellNetwork):
     def _make_cell(self, index: int, prev_prev_chs: int, prev_chs: int, chs: int, reduction: bool,
                    reduction_prev: bool) -> nn.Module:
         return RobNetCell(self.arch_code[index], prev_prev_chs, prev_chs, chs, reduction, reduction_prev,
-                          steps=self._steps, multiplier=self._multiplier, affine=self._affine)
+                          steps=self._steps, multiplier=self._multiplier, affine=self._affine,
+                          drop_path_rate=self.drop_path_rate)
 
 
 # --- checkpoint layouts ------------------------------------------------------------------------------
