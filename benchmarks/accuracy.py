@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -97,11 +96,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     weights_dir = Path(args.weights_dir) if args.weights_dir else None
     rows = [r for r in load_rows() if fnmatch.fnmatch(r['table'], args.tables)]
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    print(f"{'table':26s} {'row':28s} {'weights':36s} {'column':7s} {'paper':>7s} {'ours':>7s} {'diff':>7s}")
+    width = max([len('row')] + [len(r['label']) for r in rows])  # labels are printed whole
+    print(f"{'table':26s} {'row':{width}s} {'weights':36s} {'column':7s} {'paper':>7s} {'ours':>7s} {'diff':>7s}")
     evaluated = 0
     for row in rows:
         w = find_weights(row, weights_dir)
-        head = f"{row['table']:26s} {row['label'][:28]:28s} {(w['name'] or row['model'] or '-')[:36]:36s}"
+        head = f"{row['table']:26s} {row['label']:{width}s} {w['name'] or row['model'] or '-':36s}"
         if not w['available'] or args.list:
             print(f"{head} {'':7s} {'':>7s} {'':>7s} {'':>7s}  {w['why'] or 'available'}")
             continue

@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 import yaml
 
+from robust_resnets.files import write_text
+
 TABLES_DIR = Path(__file__).resolve().parent / 'tables'
 
 
@@ -130,7 +132,8 @@ def render(report: List[Dict[str, Any]]) -> str:
                 continue
             m = r['measured']
             ok = r.get('params_m_match', True) and r.get('macs_g_match', True)
-            note = 'ok' if ok else ('MISMATCH: ' + (r['known_discrepancy'] or 'unexplained'))
+            note = 'ok' if ok else (f"known discrepancy: {r['known_discrepancy']}" if r['known_discrepancy']
+                                    else 'MISMATCH, unexplained')
             if r.get('torchprofile_rel_diff') is not None:
                 note += f" (torchprofile {r['torchprofile_rel_diff']:+.1e})"
             lines.append(
@@ -162,9 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f'({len(bad) - len(unexplained)} documented as known discrepancies, {len(unexplained)} unexplained); '
           f'{time.perf_counter() - start:.1f} s')
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + '.tmp')
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(args.json)
+        write_text(json.dumps(report, indent=1), args.json)
     return 1 if unexplained else 0
 
 

@@ -166,6 +166,23 @@ def test_pickles_are_opened_weights_only(tmp_path, capsys):
     assert 'unpickled!' not in capsys.readouterr().out
 
 
+def test_damaged_files_are_named_as_such(tmp_path):
+    good = _save({'w': torch.ones(64, 64)}, tmp_path / 'good.pt')
+    from safetensors.torch import save_file
+    save_file({'w': torch.ones(64, 64)}, str(tmp_path / 'good.safetensors'))
+    damaged = {
+        'half.pt': good.read_bytes()[:good.stat().st_size // 2],
+        'text.pt': b'hello\n',
+        'empty.pt': b'',
+        'half.safetensors': (tmp_path / 'good.safetensors').read_bytes()[:1000],
+    }
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        kind = 'safetensors file' if name.endswith('.safetensors') else 'PyTorch checkpoint'
+        with pytest.raises(ValueError, match=f'is not a readable {kind}: it is incomplete, corrupt .* Download it'):
+            load_original_checkpoint(tmp_path / name)
+
+
 def test_unknown_entry_and_missing_file(manifest, tmp_path):
     with pytest.raises(ValueError, match='not in the weights manifest.*fx_dm_wrn'):
         convert_checkpoint(tmp_path / 'x.pth', name='preact_resnet.no_such_tag', out_dir=tmp_path / 'o')

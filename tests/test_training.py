@@ -1,5 +1,6 @@
 """The adversarial-training package: config handling, the attack inside training, exact resume, DDP, export."""
 import json
+import math
 import os
 import socket
 import time
@@ -51,6 +52,10 @@ def test_config_rejects_bad_keys_types_and_values(tmp_path):
         config_from_dict({'objective': {'name': 'tradez'}})
     with pytest.raises(ConfigError, match="needs 'data.generated'"):
         config_from_dict({'data': {'generated_fraction': 0.5}})
+    with pytest.raises(ConfigError, match=r"'mart' does not use objective.label_smoothing \(it takes objective.beta\)"):
+        config_from_dict({'objective': {'name': 'mart', 'label_smoothing': 0.1}})
+    with pytest.raises(ConfigError, match="'pgd_at' does not use objective.beta, objective.clip_value"):
+        config_from_dict({'objective': {'name': 'pgd_at', 'beta': 3.0, 'clip_value': 0.5}})
     with pytest.raises(ConfigError, match="not key=value"):
         config_mod.apply_overrides({}, ['optim.lr'])
     with pytest.raises(ConfigError, match="Unknown config key 'run.epoch'. Did you mean 'run.epochs'"):
@@ -160,6 +165,11 @@ def test_schedules():
         sched.step()
     assert max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == 4  # torch: the rise ends at step pct_start * total - 1 and lrs[0] == pytest.approx(0.1 / 25)
     assert moms[0] == pytest.approx(0.95) and min(moms) == pytest.approx(0.85)
+    for warmup in (0.5, 2.5):  # a warm-up that ends within an epoch reaches the peak, never more
+        cfg = _cfg(schedule={'name': 'cosine', 'warmup_epochs': warmup}, run={'epochs': 6})
+        opt = build_optimizer(model, cfg)
+        lrs = record_lrs(opt, build_scheduler(opt, cfg, steps_per_epoch=3), 6)
+        assert max(lrs) == pytest.approx(0.1) and lrs[math.ceil(warmup) - 1] == pytest.approx(0.1)
     short = _cfg(schedule={'name': 'onecycle', 'interval': 'step', 'pct_start': 0.25}, run={'epochs': 1})
     with pytest.raises(ConfigError, match='exactly one step'):  # torch would divide by zero
         build_scheduler(build_optimizer(model, short), short, steps_per_epoch=4)
@@ -250,6 +260,9 @@ def test_kill_and_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     stopped = train(_resume_cfg(max_steps=4), tmp_path / 'killed', data=data)
     assert stopped['status'] == 'stopped' and stopped['step'] == 4
     assert not (tmp_path / 'killed' / 'model.safetensors').exists()
+    # killed after logging an epoch and before its checkpoint: the resumed run trains and logs that epoch again
+    with (tmp_path / 'killed' / 'metrics.jsonl').open('a') as f:
+        f.write(json.dumps({'epoch': 2, 'step': 6, 'train_loss': 0.0, 'epoch_time_s': 0.0}) + '\n')
     resumed = train(_resume_cfg(), tmp_path / 'killed', data=data, resume=True)
     assert resumed['step'] == 6
     a, b = _weights(tmp_path / 'straight' / 'model.safetensors'), _weights(tmp_path / 'killed' / 'model.safetensors')
@@ -288,6 +301,20 @@ def test_resume_and_run_directory_errors(tmp_path):
         train(_cfg(), tmp_path / 'run', data=data)
     with pytest.raises(ConfigError, match='differs .* in: optim.lr'):
         train(_cfg(optim={'lr': 0.5}), tmp_path / 'run', data=data, resume=True)
+    # the saved recipe has no stop point: `train --out RUN --resume` (which loads it) runs on to the end
+    saved = load_config(tmp_path / 'run' / 'train_config.yaml')
+    assert saved.run.max_steps is None
+    assert train(saved, tmp_path / 'run', data=data, resume=True)['status'] == 'finished'
+
+    # a run that ended before its first checkpoint starts again with --resume
+    train(_cfg(run={'max_steps': 1}), tmp_path / 'early', data=data)
+    (tmp_path / 'early' / 'last.pt').unlink()
+    with pytest.raises(FileExistsError, match='ended before its first checkpoint; pass --resume'):
+        train(_cfg(), tmp_path / 'early', data=data)
+    again = train(_cfg(), tmp_path / 'early', data=data, resume=True)
+    assert again['status'] == 'finished' and again['step'] == train(_cfg(), tmp_path / 'fresh', data=data)['step']
+    a, b = _weights(tmp_path / 'early' / 'model.safetensors'), _weights(tmp_path / 'fresh' / 'model.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

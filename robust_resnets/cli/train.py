@@ -2,7 +2,7 @@
 
 Single process::
 
-    robust-resnets train --config rrn_a1_trades --set data.root=../shared/data/cifar10-jpeg.tar.gz --out runs/a1
+    robust-resnets train --config rrn_a1_trades --set data.root=DATA/cifar10-jpeg.tar.gz --out runs/a1
 
 Many GPUs or nodes (DDP)::
 

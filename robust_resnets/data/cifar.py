@@ -5,7 +5,7 @@ Sources, tried in this order under ``root``:
 1. torchvision's files (``cifar-10-batches-py`` / ``cifar-100-python``), downloaded there when
    ``download=True`` and the network allows; canonical order.
 2. An ImageFolder ``<split>/<class>/<image>`` in ``root``, in a ``<dataset>-jpeg.tar.gz`` archive in
-   ``root``, or ``root`` itself being such an archive (``../shared/data/cifar10-jpeg.tar.gz``). Classes
+   ``root``, or ``root`` itself being such an archive (``DATA/cifar10-jpeg.tar.gz``). Classes
    are the sorted folder names, which for CIFAR is the standard label order. Images come back
    class-interleaved (first image of every class, then the second, ...) so that the first N are
    class-balanced. Decoded once, then cached as ``.npz`` beside the source, or under
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..files import atomic_path
 from .folder import is_archive, load_image_folder
 
 __all__ = ['CIFAR_DATASETS', 'load_cifar_tensors']
@@ -59,15 +59,8 @@ def _stamp(source: Path, split: str) -> float:
 
 
 def _save_npz(path: Path, images: Tensor, labels: Tensor, stamp: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.npz.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, images=images.numpy(), labels=labels.numpy(), source_mtime=stamp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        np.savez(f, images=images.numpy(), labels=labels.numpy(), source_mtime=stamp)
 
 
 def _load_npz(path: Path, stamp: float) -> Optional[Tuple[Tensor, Tensor]]:
@@ -120,8 +113,9 @@ def load_cifar_tensors(*, root: Union[str, Path], dataset: str = 'cifar10', spli
     if source is None:
         raise FileNotFoundError(
             f'No {dataset} data in {root}: expected torchvision\'s {tv_folder}/ folder, an ImageFolder '
-            f'{root}/{split}/<class>/*.jpg, or a {dataset}-jpeg.tar.gz archive. Pass the folder that holds one '
-            f'(e.g. --data-dir ../shared/data), or download=True where the network allows.')
+            f'{root}/{split}/<class>/*.jpg, or a {dataset}-jpeg.tar.gz archive. Point to the folder that holds one '
+            f'(`robust-resnets eval --data-dir DIR`, `train --set data.root=DIR`), or download it where the network '
+            f'allows (`eval --download`, `download=True`).')
     cache = _cache_path(source, dataset, split)
     stamp = _stamp(source, split)
     cached = _load_npz(cache, stamp) if cache.exists() else None
@@ -147,6 +141,6 @@ def _load_torchvision(root: Path, dataset: str, split: str, download: bool) -> T
         raise FileNotFoundError(f'torchvision could not load {dataset} from {root}: {e}') from e
     except OSError as e:  # network failure while downloading
         raise FileNotFoundError(f'Could not download {dataset} into {root} ({e}). Without network access, '
-                                f'point root at a local copy (e.g. ../shared/data/{dataset}-jpeg.tar.gz).') from e
+                                f'point root at a local copy (e.g. DATA/{dataset}-jpeg.tar.gz).') from e
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     return images, torch.tensor(ds.targets, dtype=torch.int64)

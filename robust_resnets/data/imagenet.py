@@ -83,7 +83,7 @@ def load_imagenet_tensors(
 
     Args:
         root: ImageNet folder holding ``val/<wnid>/<image>``, the ``val`` folder itself, or a .tar(.gz)
-            archive with ``val/<wnid>/<image>`` (like ``../shared/data/imagenet-sample-224.tar.gz``).
+            archive with ``val/<wnid>/<image>`` (like ``DATA/imagenet-sample-224.tar.gz``).
         n_examples: Number of images (the first ones of the subset); None for all.
         subset: 'robustbench' for RobustBench's 5,000-image list (every listed file must exist), or 'all'
             for every image found, class-interleaved.

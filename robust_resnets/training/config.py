@@ -475,6 +475,14 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"'objective.name': {e}") from None
     if objective.adversarial and cfg.attack.steps == 0 and not cfg.attack.random_start:
         raise ConfigError(f"objective '{objective.name}' needs an attack: set 'attack.steps' > 0.")
+    defaults = ObjectiveConfig()
+    unused = [f'objective.{k}' for k in ('beta', 'label_smoothing', 'clip_value')
+              if k not in objective.hyper_params and getattr(cfg.objective, k) != getattr(defaults, k)]
+    if unused:
+        takes = ', '.join(f'objective.{k}' for k in objective.hyper_params) or 'no hyper-parameters'
+        raise ConfigError(f"objective '{objective.name}' does not use {', '.join(unused)} (it takes {takes}); "
+                          f"remove {'them' if len(unused) > 1 else 'it'} or choose the objective that uses "
+                          f"{'them' if len(unused) > 1 else 'it'}.")
     _validate_data(cfg)
 
 

@@ -136,7 +136,7 @@ def load_training_data(data_cfg: DataConfig, eval_cfg: EvalConfig) -> TrainingDa
     from robust_resnets.data.cifar import load_cifar_tensors
 
     if not data_cfg.root:
-        raise ValueError("data.root is not set: point it at CIFAR, e.g. --set data.root=../shared/data/"
+        raise ValueError("data.root is not set: point it at CIFAR, e.g. --set data.root=DATA/"
                          "cifar10-jpeg.tar.gz (or a folder with torchvision's CIFAR files).")
     images, labels = load_cifar_tensors(root=data_cfg.root, dataset=data_cfg.dataset, split='train')
     # a fixed permutation, independent of the run's seed: the held-out split never changes

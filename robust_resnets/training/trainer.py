@@ -37,6 +37,7 @@ from torch import Tensor
 
 from timm.utils import ModelEmaV3
 
+from ..files import atomic_path, write_text
 from .config import RUN_CONTROL_KEYS, ConfigError, TrainConfig, _flatten, config_from_dict, config_to_dict
 from .data import (BatchPlan, TrainingData, _EVAL, augment, derive_seed, gather_batch, load_training_data,
                    seeded_global_rngs)
@@ -174,8 +175,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, steps
     floor = s.min_lr / cfg.optim.lr
 
     def factor(t: int) -> float:
-        if t < warmup:
-            return s.warmup_start + (1 - s.warmup_start) * (t + 1) / warmup
+        if t < warmup:  # a warm-up that ends within a step reaches the peak there, never above it
+            return s.warmup_start + (1 - s.warmup_start) * min((t + 1) / warmup, 1.0)
         if s.name == 'multistep':
             return s.gamma ** sum(t >= m for m in milestones)
         if s.name == 'cosine':
@@ -303,18 +304,22 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, cfg: TrainConf
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _drop_records_after(metrics: Path, step: int) -> None:
+    """Rewrites ``metrics.jsonl`` without the epoch records past ``step`` (events stay)."""
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        record = json.loads(line) if line.strip() else {}
+        if 'event' in record or record.get('step', 0) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_text(''.join(kept), metrics)
 
 
 def _rng_state(device: torch.device) -> Dict[str, Any]:
@@ -366,8 +371,11 @@ def _load_checkpoint(path: Path) -> Dict[str, Any]:
 def _check_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> Optional[Dict[str, Any]]:
     """Validates the run directory; returns the checkpoint to resume from (None for a new run)."""
     last = run_dir / 'last.pt'
+    started = (run_dir / 'train_config.yaml').is_file()
     if resume:
         if not last.is_file():
+            if started:  # it ended before its first checkpoint: start it again, from step 0
+                return None
             raise FileNotFoundError(f"Nothing to resume in '{run_dir}': it has no last.pt. Start the run without "
                                     f"--resume.")
         ckpt = _load_checkpoint(last)
@@ -379,8 +387,11 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> Optional[Di
                               f"{', '.join(changed)}. Resume with the run's own train_config.yaml (only "
                               f"{', '.join(RUN_CONTROL_KEYS)} may change).")
         return ckpt
-    if last.exists() or (run_dir / 'train_config.yaml').exists():
+    if last.exists():
         raise FileExistsError(f"'{run_dir}' already holds a run; pass --resume to continue it, or choose a new --out.")
+    if started:
+        raise FileExistsError(f"'{run_dir}' holds a run that ended before its first checkpoint; pass --resume to "
+                              f"start it again there, or choose a new --out.")
     return None
 
 
@@ -449,10 +460,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
             ckpt = _check_run_dir(cfg, run_dir, resume)
         except (ValueError, FileNotFoundError, FileExistsError) as e:
             error = e
-    error = _broadcast_object(error, d)
+    error, from_checkpoint = _broadcast_object((error, ckpt is not None), d)
     if error is not None:
         raise error
-    if resume and not d.main:
+    if from_checkpoint and not d.main:
         ckpt = _load_checkpoint(run_dir / 'last.pt')
     device = d.device
     if device.type == 'cuda':
@@ -513,7 +524,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
     del ckpt
     if d.main and not ckpt_loaded:  # created only once the data and the model are in place
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_dir / 'train_config.yaml', yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        # the recipe, without this launch's stop point: `--resume` from it runs on to the end
+        recipe = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=None))
+        write_text(yaml.safe_dump(config_to_dict(recipe), sort_keys=False), run_dir / 'train_config.yaml')
     if d.enabled:
         dist.barrier()
     accum = accum if accum is not None else torch.zeros(5, dtype=torch.float64)
@@ -552,13 +565,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
              'device': str(device), 'amp': amp, 'channels_last': channels_last,
              'params': sum(p.numel() for p in raw.parameters())})
     elif d.main and not already_exported:
-        log({'event': 'resume', 'step': step, 'epoch': step // spe})
+        _drop_records_after(metrics_path, step)  # epochs logged after the checkpoint are trained (and logged) again
+        log({'event': 'resume', 'step': step, 'epoch': step / spe})
 
     progress = None
     if d.main and cfg.run.progress:
         from tqdm.auto import tqdm
         progress = tqdm(total=total_steps, initial=step, unit='step', dynamic_ncols=True,
-                        desc=f'epoch {step // spe + 1}/{cfg.run.epochs}')
+                        desc=f'epoch {min(step // spe + 1, cfg.run.epochs)}/{cfg.run.epochs}')
     bns = _batch_norms(raw)
     status = 'finished'
     epoch_start = time.time()

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..files import give_umask_permissions
 from .hub import sha256_file
 from . import manifest as _manifest
 from .manifest import PretrainedWeights, get_weights
@@ -52,26 +53,46 @@ def load_original_checkpoint(path: os.PathLike) -> Dict[str, Any]:
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: The pickle holds objects other than tensors and plain containers.
+        ValueError: The file is incomplete, corrupt or not a checkpoint, or the pickle holds objects other than
+            tensors and plain containers.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'Checkpoint {path} does not exist.')
+    unreadable = (f'{path} is not a readable {{kind}}: it is incomplete, corrupt or another kind of file ({{why}}). '
+                  f'Download it again, or check that it is the checkpoint you meant.')
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
 
-        return load_file(str(path), device='cpu')
+        try:
+            return load_file(str(path), device='cpu')
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise ValueError(unreadable.format(kind='safetensors file', why=_first_line(e))) from e
     try:
         obj = torch.load(str(path), map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+    except pickle.UnpicklingError as e:
+        if 'Unsupported global' not in str(e):
+            raise ValueError(unreadable.format(kind='PyTorch checkpoint', why=_first_line(e))) from e
+        what = next(line.strip() for line in str(e).splitlines() if 'Unsupported global' in line)
         raise ValueError(
             f'{path} cannot be opened with torch.load(weights_only=True): it pickles objects other than tensors '
-            f'({str(e).splitlines()[0][:200]}). Pickles can run code, so they are not unpickled fully here. In an '
+            f'({what[:200]}). Pickles can run code, so they are not unpickled fully here. In an '
             f'environment you trust, re-save only its state dict, e.g. torch.save(torch.load(p, weights_only=False)'
             f"['state_dict'], 'state_dict.pt'), and convert that.") from e
+    except Exception as e:  # torch raises OSError, RuntimeError, EOFError, KeyError, ... on a damaged file
+        raise ValueError(unreadable.format(kind='PyTorch checkpoint', why=_first_line(e))) from e
     if not isinstance(obj, dict):
         raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict or a dict wrapping one.')
     return obj
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's type and its first line; for torch's weights-only unpickler, the line that names the fault."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if 'WeightsUnpickler error:' in str(error):
+        after = str(error).split('WeightsUnpickler error:', 1)[1].strip().splitlines()
+        lines = after[:1] or lines
+    return f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
 
 
 def family_module(arch: str) -> ModuleType:
@@ -157,9 +178,7 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: os.PathLike, *, met
                                f'{size} bytes), so it was not rewritten; please report this.')
         f.seek(8)
         f.write(text + b' ' * (size - len(text)))  # safetensors pads its header with spaces
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    give_umask_permissions(path)
 
 
 def model_card(weights: PretrainedWeights, *, sha256: str, source_sha256: str) -> str:
