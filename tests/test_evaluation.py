@@ -16,7 +16,8 @@ from PIL import Image
 from robust_resnets.evaluation import GradientMaskingWarning, evaluate
 from robust_resnets.evaluation.leaderboard import leaderboard_rows, render_html, render_markdown
 from robust_resnets.evaluation.results import (
-    MODEL_INFO_FIELDS, format_eps, parse_eps, read_results, result_to_dict, write_json,
+    MODEL_INFO_FIELDS, find_reported, format_eps, parse_eps, read_results, reported_entries, result_to_dict,
+    write_json,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
@@ -105,6 +106,19 @@ def test_refuses_train_mode_randomised_models_and_bad_inputs():
         evaluate(model, x, y, attacks='clean,pgd', progress=False)
 
 
+def test_refuses_a_submodule_left_in_train_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(16, 10)).eval()
+    model[1].train()
+    x, y = data(4)
+    with pytest.raises(ValueError, match=r'train mode \(1\)'):
+        evaluate(model, x, y, attacks='clean', progress=False)
+    running_mean = model[1].running_mean.clone()
+    evaluate(model, x, y, attacks='clean', progress=False, allow_train_mode=True)
+    assert not torch.equal(model[1].running_mean, running_mean)  # why it is refused: the statistics moved
+
+
 def test_warns_on_gradient_masking():
     inner = tiny_cnn(3)
 
@@ -156,6 +170,23 @@ def test_resumes_from_the_state_file(tmp_path):
         evaluate(model, x, y, state_path=state, **dict(kw, attacks='clean,pgd4'))
 
 
+def test_state_file_of_other_weights_is_not_reused(tmp_path):
+    x, y = data(12, 2, tiny_cnn(4))
+    kw = dict(attacks='clean,pgd2', eps=8 / 255, progress=False, check_masking=False)
+    state = tmp_path / 'state.json'
+    evaluate(tiny_cnn(4), x, y, state_path=state, **kw)
+    with pytest.raises(ValueError, match='different evaluation'):  # same architecture, other parameters
+        evaluate(tiny_cnn(5), x, y, state_path=state, **kw)
+    torch.manual_seed(0)
+    with_bn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                            nn.Linear(16, 10)).eval()
+    evaluate(with_bn, x, y, state_path=tmp_path / 'bn.json', **kw)
+    with torch.no_grad():
+        with_bn[1].running_var.mul_(4)  # same parameters, other buffers
+    with pytest.raises(ValueError, match='different evaluation'):
+        evaluate(with_bn, x, y, state_path=tmp_path / 'bn.json', **kw)
+
+
 def _linear_setup(n=8):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
@@ -170,7 +201,7 @@ def test_autoattack_through_evaluate_results_json_and_leaderboard(tmp_path):
     assert aa.spec.attacks == ('apgd-ce', 'apgd-t', 'fab-t', 'square')
     assert list(aa.components)[0] == 'apgd-ce'
     assert r.accuracy['aa'] <= r.accuracy['clean'] and (aa.correct <= r.attacks['clean'].correct).all()
-    data_ = result_to_dict(r, model='wrn_a4.cifar10_test', dataset='cifar10')
+    data_ = result_to_dict(r, model='wrn_a4.cifar10_robustbench', dataset='cifar10')
     assert data_['model']['robustbench_id'] == 'Huang2022Revisiting_WRN-A4'
     info = data_['robustbench']
     assert set(info) <= set(MODEL_INFO_FIELDS)
@@ -183,16 +214,75 @@ def test_autoattack_through_evaluate_results_json_and_leaderboard(tmp_path):
     assert read_results(path)['clean_accuracy'] == r.clean_accuracy
     assert not [p for p in path.parent.iterdir() if p.name != 'r.json']  # no temporary files left
     rows = leaderboard_rows([path])
-    assert rows[0]['RobustBench AA'] == '65.79' and rows[0]['model'] == 'wrn_a4.cifar10_test'
-    assert 'wrn_a4.cifar10_test' in render_markdown(rows) and '<table>' in render_html(rows)
+    assert rows[0]['RobustBench AA'] == '65.79' and rows[0]['model'] == 'wrn_a4.cifar10_robustbench'
+    assert 'wrn_a4.cifar10_robustbench' in render_markdown(rows) and '<table>' in render_html(rows)
     (tmp_path / 'bad.json').write_text('{"schema": "other"}')
     with pytest.raises(ValueError, match='not a robust-resnets results file'):
         read_results(tmp_path / 'bad.json')
 
 
+def _made_up_result(*, eps: float, norm: str = 'Linf', robust=(1, 1, 0, 0)):
+    """An EvaluationResult with chosen per-example flags: clean all correct, 'pgd2' as given."""
+    from robust_resnets.attacks.spec import parse_attack
+    from robust_resnets.evaluation.evaluate import AttackResult, EvaluationResult
+
+    n = len(robust)
+    attacks = {name: AttackResult(parse_attack(name, eps=eps, norm=norm), torch.tensor(flags, dtype=torch.bool))
+               for name, flags in (('clean', [True] * n), ('pgd2', list(map(bool, robust))))}
+    return EvaluationResult(attacks=attacks, n_examples=n, eps=eps, norm=norm, seed=0, batch_size=n, device='cpu')
+
+
+def test_reported_numbers_only_for_pretrained_tags_at_the_same_threat_model():
+    def matched(result, **kw):
+        out = result_to_dict(result, dataset='cifar10', **kw)
+        assert (out['robustbench_reported'] is None) == (out['model']['robustbench_id'] is None)
+        assert ('reported' in out['robustbench']) == (out['robustbench_reported'] is not None)
+        return out['model']['robustbench_id']
+
+    at_8, at_2, l2 = _made_up_result(eps=8 / 255), _made_up_result(eps=2 / 255), _made_up_result(eps=0.5, norm='L2')
+    assert matched(at_8, model='wrn_a4.cifar10_robustbench') == 'Huang2022Revisiting_WRN-A4'
+    assert matched(at_2, model='wrn_a4.cifar10_robustbench') is None  # RobustBench reports 8/255
+    assert matched(l2, model='wrn_a4.cifar10_robustbench') is None
+    assert matched(at_8, model='wrn_a4', checkpoint='mine.pt') is None  # a user's own weights
+    assert matched(at_8, model='wrn_a4', random_init=True) is None
+    assert matched(at_8, model='wrn_a4') is None  # no tag: not a published model
+    assert matched(at_8, model='wrn_a4', checkpoint='mine.pt', robustbench_id='Huang2022Revisiting_WRN-A4') \
+        == 'Huang2022Revisiting_WRN-A4'  # named by the user
+    assert result_to_dict(at_2, model='wrn_a4', dataset='cifar10', checkpoint='mine.pt',
+                          robustbench_id='Huang2022Revisiting_WRN-A4')['robustbench_reported'] is None
+    assert matched(at_8, model='wrn_a4.cifar10_trades') is None  # Huang et al.'s TRADES model is not RobustBench's
+    reported = dict(weights='wrn_a4.cifar10_robustbench', dataset='cifar10', threat_model='Linf')
+    assert find_reported(**reported, eps=8 / 255)['robustbench_id'] == 'Huang2022Revisiting_WRN-A4'
+    assert find_reported(**reported, eps=2 / 255) is None
+    assert result_to_dict(at_8, model='wrn_a4', dataset='cifar10', random_init=True)['random_init'] is True
+
+
+def test_leaderboard_ranks_within_an_eps_and_names_the_weights(tmp_path):
+    files = {
+        'a4_8.json': result_to_dict(_made_up_result(eps=8 / 255, robust=(1, 1, 1, 0)),
+                                    model='wrn_a4.cifar10_robustbench', dataset='cifar10'),
+        'a4_2.json': result_to_dict(_made_up_result(eps=2 / 255, robust=(1, 1, 0, 0)),
+                                    model='wrn_a4', dataset='cifar10', checkpoint='/runs/a4/best.safetensors'),
+        'a4_2_rand.json': result_to_dict(_made_up_result(eps=2 / 255, robust=(0, 0, 0, 0)),
+                                         model='wrn_a4', dataset='cifar10', random_init=True),
+        'a4_16.json': result_to_dict(_made_up_result(eps=16 / 255, robust=(1, 1, 1, 1)),
+                                     model='wrn_a4', dataset='cifar10', checkpoint='other.pt'),
+    }
+    paths = [write_json(d, tmp_path / name) for name, d in files.items()]
+    rows = leaderboard_rows(paths)
+    assert [(r['threat model'], r['model']) for r in rows] == [
+        ('Linf 2/255', 'wrn_a4 (checkpoint best.safetensors)'), ('Linf 2/255', 'wrn_a4 (random init)'),
+        ('Linf 8/255', 'wrn_a4.cifar10_robustbench'), ('Linf 16/255', 'wrn_a4 (checkpoint other.pt)')]
+    assert rows[2]['RobustBench AA'] == '65.79' and rows[2]['delta AA'] == '-'  # no AutoAttack run
+    # an older file holding RobustBench's numbers for another eps: not compared
+    stale = dict(files['a4_2.json'], robustbench_reported=files['a4_8.json']['robustbench_reported'])
+    assert leaderboard_rows([write_json(stale, tmp_path / 'stale.json')])[0]['RobustBench AA'] == '-'
+
+
 def test_eps_spelling():
     assert parse_eps('8/255') == pytest.approx(8 / 255) and parse_eps('0.5') == 0.5
     assert format_eps(8 / 255) == '8/255' and format_eps(0.5) == '0.5'
+    assert [format_eps(e) for e in (1.0, 3.0, 12.0, 4 / 255, 0.0)] == ['1', '3', '12', '4/255', '0']
     with pytest.raises(ValueError, match='eps'):
         parse_eps('eight')
 
@@ -251,6 +341,63 @@ def test_cli_eval_and_leaderboard(tmp_path, monkeypatch, capsys, tiny_registered
     assert 'No cifar10 data in' in capsys.readouterr().err
 
 
+def test_cli_eval_checks_out_before_the_evaluation(tmp_path, monkeypatch, capsys, tiny_registered_model):
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    _write_images(tmp_path / 'cifar', per_class=1)
+    out = tmp_path / 'tiny.json'
+    base = ['eval', tiny_registered_model, '--random-init', '--n-examples', '4', '--attacks', 'clean', '--quiet',
+            '--no-masking-check']
+    # refused before any data is read (the data folder does not exist)
+    assert _run_cli([*base, '--data-dir', str(tmp_path / 'nowhere'), '--out', str(tmp_path)]) == 1
+    assert 'is a directory' in capsys.readouterr().err
+    out.write_text('earlier results')
+    assert _run_cli([*base, '--data-dir', str(tmp_path / 'nowhere'), '--out', str(out)]) == 1
+    assert 'already exists; pass --overwrite or choose another --out' in capsys.readouterr().err
+    assert out.read_text() == 'earlier results'
+    assert _run_cli([*base, '--data-dir', str(tmp_path / 'cifar'), '--out', str(out), '--overwrite']) == 0
+    assert read_results(out)['data']['n_examples'] == 4
+    assert not Path(f'{out}.state.json').exists()
+    # a run interrupted after its progress was saved leaves only OUT.state.json: the same command resumes
+    import robust_resnets.evaluation as evaluation
+
+    resumed, evaluate_ = tmp_path / 'resumed.json', evaluation.evaluate
+
+    def evaluate_then_interrupt(*args, **kwargs):
+        evaluate_(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluation, 'evaluate', evaluate_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            _run_cli([*base, '--data-dir', str(tmp_path / 'cifar'), '--out', str(resumed)])
+    assert Path(f'{resumed}.state.json').exists() and not resumed.exists()
+    assert _run_cli([*base, '--data-dir', str(tmp_path / 'cifar'), '--out', str(resumed)]) == 0
+    assert read_results(resumed)['clean_accuracy'] == read_results(out)['clean_accuracy']
+    assert not Path(f'{resumed}.state.json').exists()
+
+
+def test_cli_eval_seed_makes_random_init_repeatable(tmp_path, monkeypatch, tiny_registered_model):
+    from robust_resnets.evaluation import sources
+
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    _write_images(tmp_path / 'cifar', per_class=1)
+    built = []
+    load_model = sources.load_model
+
+    def recording_load_model(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        built.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(sources, 'load_model', recording_load_model)
+    for seed in (3, 3, 4):
+        assert _run_cli(['eval', tiny_registered_model, '--random-init', '--data-dir', str(tmp_path / 'cifar'),
+                         '--n-examples', '2', '--attacks', 'clean', '--quiet', '--seed', str(seed)]) == 0
+    same = [torch.equal(built[0][k], built[1][k]) for k in built[0]]
+    other = [torch.equal(built[0][k], built[2][k]) for k in built[0]]
+    assert all(same) and not any(other)
+
+
 @pytest.mark.skipif(not (SHARED_DATA / 'cifar10-jpeg.tar.gz').is_file(),
                     reason='../shared/data/cifar10-jpeg.tar.gz is not present (real CIFAR-10 JPEGs)')
 def test_short_evaluation_on_real_cifar10_jpegs(tmp_path, monkeypatch):
@@ -286,3 +433,16 @@ def test_robustbench_benchmark_runs_through_the_adapter(tmp_path, monkeypatch):
     import sys
 
     assert sys.modules['autoattack'].AutoAttack.__module__ == 'robust_resnets.evaluation.robustbench_adapter'
+
+
+def test_robustbench_entries_name_published_weights_of_their_dataset_and_threat_model():
+    from robust_resnets.evaluation.results import _reported
+    from robust_resnets.weights import get_manifest
+
+    manifest = get_manifest()
+    entries = {(e['robustbench_id'], e['dataset']): e for e in reported_entries()}
+    for name, ids in _reported()['weights'].items():
+        weights = manifest[name]
+        matching = [entries.get((i, weights.dataset)) for i in ids]
+        assert all(e is not None and e['threat_model'] == weights.threat_model
+                   and e['model_info']['eps'] == weights.eps for e in matching), name

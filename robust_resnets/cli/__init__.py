@@ -43,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         # user-facing failures carry their own explanation: print it, not a traceback
         print(f'robust-resnets {args.command}: error: {e}', file=sys.stderr)
         return 1

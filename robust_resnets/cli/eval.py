@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Optional
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,10 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                 'numbers (found automatically for known models)')
     parser.add_argument('--batch-size', type=int, default=None, help='default: the largest that fits the GPU')
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=0, help='seed of the attacks and of --random-init')
     parser.add_argument('--state', default=None, help='progress file to resume an interrupted run '
                                                       '(default: OUT.state.json when --out is given)')
     parser.add_argument('--out', default=None, help='results JSON to write (atomically)')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing --out file')
     parser.add_argument('--allow-train-mode', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--allow-randomized', action='store_true', help='evaluate a randomised model anyway')
     parser.add_argument('--no-masking-check', action='store_true', help='skip the gradient-masking checks')
@@ -58,9 +61,22 @@ def format_table(data: dict) -> str:
     return '\n'.join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _check_out(out: Optional[str], *, overwrite: bool) -> None:
+    """Refuses an --out that cannot take the results: a directory, an existing file (unless overwrite), a bad folder."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f'--out {out} is a directory; give the file to write, e.g. --out {path / "results.json"}.')
+    if path.exists() and not overwrite:
+        raise ValueError(f'{out} already exists; pass --overwrite or choose another --out.')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f'Cannot create the folder of --out {out} ({e.strerror}); choose another --out.') from None
 
+
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from robust_resnets.evaluation import evaluate
@@ -76,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     step_size = parse_eps(args.step_size) if args.step_size is not None else None
     if args.checkpoint is not None and args.random_init:
         raise ValueError('--checkpoint and --random-init exclude each other.')
+    _check_out(args.out, overwrite=args.overwrite)
 
+    torch.manual_seed(args.seed)  # makes --random-init weights repeatable
     model = load_model(args.model, dataset=args.dataset, checkpoint=args.checkpoint, random_init=args.random_init,
                        device=device)
     images, labels, preprocessing = load_dataset(args.dataset, data_dir=args.data_dir, n_examples=args.n_examples,
@@ -90,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
     arch, _, tag = args.model.partition('.')
     data = result_to_dict(result, model=args.model, dataset=args.dataset, architecture=arch, tag=tag or None,
                           checkpoint=args.checkpoint, data_source=str(args.data_dir), preprocessing=preprocessing,
-                          robustbench_id=args.robustbench_id,
-                          extra={'random_init': True} if args.random_init else None)
+                          random_init=args.random_init, robustbench_id=args.robustbench_id)
     print(format_table(data))
     if args.out:
         write_json(data, args.out)

@@ -12,8 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 import zlib
@@ -27,6 +25,7 @@ from torch import Tensor
 from ..attacks.autoattack import build_autoattack, iter_autoattack
 from ..attacks.pgd import pgd_attack
 from ..attacks.spec import DEFAULT_ATTACKS, AttackSpec, parse_attack, parse_attacks
+from ..files import write_text
 
 __all__ = ['evaluate', 'EvaluationResult', 'AttackResult', 'GradientMaskingWarning']
 
@@ -134,9 +133,11 @@ def _check_inputs(model: nn.Module, images: Tensor, labels: Tensor, allow_train_
                              f'[{lo:.3g}, {hi:.3g}]. Pass un-normalised images, or uint8 pixels.')
     elif images.dtype != torch.uint8:
         raise ValueError(f'images must be float in [0, 1] or uint8, got {images.dtype}.')
-    if model.training and not allow_train_mode:
-        raise ValueError('The model is in train mode (dropout and batch statistics change its outputs). Call '
-                         'model.eval() first, or pass allow_train_mode=True to evaluate it as it is.')
+    training = [name or '(the model itself)' for name, m in model.named_modules() if m.training]
+    if training and not allow_train_mode:
+        shown = ', '.join(training[:5]) + (f' and {len(training) - 5} more' if len(training) > 5 else '')
+        raise ValueError(f'The model has modules in train mode ({shown}): dropout and batch statistics change its '
+                         f'outputs. Call model.eval() first, or pass allow_train_mode=True to evaluate it as it is.')
 
 
 def _check_deterministic(model: nn.Module, x: Tensor, allow_randomized: bool) -> None:
@@ -208,8 +209,8 @@ class _State:
             except (OSError, ValueError) as e:
                 raise ValueError(f'Cannot read the evaluation state file {path} ({e}); delete it to start over.')
             if data.get('version') != STATE_VERSION or data.get('fingerprint') != fingerprint:
-                raise ValueError(f'The state file {path} belongs to a different evaluation (model, data, attacks or '
-                                 f'settings differ). Delete it, or pass another state path.')
+                raise ValueError(f'The state file {path} belongs to a different evaluation (model weights, data, '
+                                 f'attacks or settings differ). Delete it, or pass another state path.')
             self.attacks = data.get('attacks', {})
 
     def get(self, name: str) -> Dict[str, Any]:
@@ -227,15 +228,7 @@ class _State:
         if self.path is None or (not force and time.monotonic() - self._last_save < self.min_interval):
             return
         data = {'version': STATE_VERSION, 'fingerprint': self.fingerprint, 'attacks': self.attacks}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix='.tmp')
-        try:
-            with os.fdopen(fd, 'w') as f:
-                json.dump(data, f)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text(json.dumps(data), self.path)
         self._last_save = time.monotonic()
 
 
@@ -245,10 +238,22 @@ def _fingerprint(model: nn.Module, images: Tensor, labels: Tensor, specs: Sequen
     digest.update(labels.cpu().numpy().tobytes())
     digest.update(images[:, :, ::4, ::4].contiguous().cpu().numpy().tobytes())
     return {
-        'parameters': sum(p.numel() for p in model.parameters()),
+        'parameters': sum(p.numel() for p in model.parameters()), 'weights': _weights_digest(model),
         'data': digest.hexdigest(), 'n_examples': int(images.shape[0]), 'seed': seed,
         'attacks': {s.name: s.settings() for s in specs},
     }
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """SHA-1 of every parameter and buffer: dtype, shape and values, in state_dict order (module names do not count)."""
+    digest = hashlib.sha1()
+    for tensor in model.state_dict().values():
+        if not isinstance(tensor, Tensor):
+            continue
+        tensor = tensor.detach()
+        digest.update(f'{tensor.dtype}{tuple(tensor.shape)}'.encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # --- the evaluation ---------------------------------------------------------------------------------
@@ -316,8 +321,8 @@ def evaluate(
             do not depend on it, except AutoAttack's.
         device: Where to run (default: where the model's parameters are). The model is moved there.
         seed: Seed of every random draw.
-        state_path: JSON file recording progress; an interrupted evaluation with the same arguments
-            resumes from it.
+        state_path: JSON file recording progress; an interrupted evaluation of the same weights with the
+            same data and arguments resumes from it.
         progress: Show tqdm progress bars.
         allow_train_mode: Evaluate a model that is in train mode instead of refusing.
         allow_randomized: Evaluate a model whose outputs vary between identical calls instead of refusing.
@@ -346,7 +351,8 @@ def evaluate(
         batch_size = _auto_batch_size(model, images, n, device)
     elif batch_size < 1:
         raise ValueError(f'batch_size must be positive, got {batch_size}.')
-    state = _State(Path(state_path) if state_path is not None else None, _fingerprint(model, images, labels, specs, seed))
+    state = _State(Path(state_path), _fingerprint(model, images, labels, specs, seed)) if state_path is not None \
+        else _State(None, {})
     runner = _Runner(batch_size, progress)
     raised: List[str] = []
 

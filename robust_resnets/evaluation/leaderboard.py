@@ -17,8 +17,19 @@ def _pct(x) -> str:
     return '-' if x is None else f'{100 * x:.2f}'
 
 
+def _weights_note(data: Dict[str, Any]) -> str:
+    if data.get('random_init'):
+        return ' (random init)'
+    checkpoint = data['model'].get('checkpoint')
+    return f' (checkpoint {Path(checkpoint).name})' if checkpoint else ''
+
+
 def leaderboard_rows(paths: Sequence[Union[str, Path]]) -> List[Dict[str, str]]:
-    """One row per results file, sorted by dataset, threat model, then worst-case accuracy (best first)."""
+    """One row per results file, sorted by dataset, norm, eps, then worst-case accuracy (best first).
+
+    The model column names the checkpoint file, or says "random init", when the weights are not a
+    pretrained tag's.
+    """
     rows = []
     for path in paths:
         data = read_results(path)
@@ -27,10 +38,12 @@ def leaderboard_rows(paths: Sequence[Union[str, Path]]) -> List[Dict[str, str]]:
         others = ', '.join(f'{name} {_pct(a["accuracy"])}' for name, a in data['attacks'].items()
                            if name != 'clean' and a['settings'].get('kind') != 'autoattack')
         reported = data.get('robustbench_reported') or {}
+        if reported.get('eps') != data['threat_model']['eps_text']:
+            reported = {}  # reported at another radius: not comparable
         rb_aa = float(reported['autoattack_acc']) if reported.get('autoattack_acc') else None
         aa_acc = aa[0]['accuracy'] if aa else None
         rows.append({
-            'model': data['model']['name'] + (' (random init)' if data.get('random_init') else ''),
+            'model': data['model']['name'] + _weights_note(data),
             'dataset': data['data']['dataset'],
             'threat model': f"{data['threat_model']['norm']} {data['threat_model']['eps_text']}",
             'n': str(data['data']['n_examples']),
@@ -41,7 +54,8 @@ def leaderboard_rows(paths: Sequence[Union[str, Path]]) -> List[Dict[str, str]]:
             'RobustBench clean': reported.get('clean_acc') or '-',
             'RobustBench AA': reported.get('autoattack_acc') or '-',
             'delta AA': f'{100 * aa_acc - rb_aa:+.2f}' if aa_acc is not None and rb_aa is not None else '-',
-            '_sort': (data['data']['dataset'], data['threat_model']['norm'], -(data['robust_accuracy'] or 0.0)),
+            '_sort': (data['data']['dataset'], data['threat_model']['norm'], data['threat_model']['eps'],
+                      -(data['robust_accuracy'] or 0.0)),
         })
     rows.sort(key=lambda r: r['_sort'])
     for r in rows:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
-import tempfile
 from fractions import Fraction
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from ..files import write_text
 from .evaluate import EvaluationResult
 
 __all__ = [
@@ -45,9 +44,9 @@ def parse_eps(text: Union[str, float]) -> float:
 
 
 def format_eps(eps: float) -> str:
-    """RobustBench's spelling: '8/255' when eps is k/255 for a whole k, else the number."""
+    """RobustBench's spelling: '8/255' when eps is below 1 and k/255 for a whole k, else the number ('0.5', '3')."""
     k = eps * 255
-    if abs(k - round(k)) < 1e-6 and round(k) > 0:
+    if eps < 1 and abs(k - round(k)) < 1e-6 and round(k) > 0:
         return f'{round(k)}/255'
     return f'{eps:g}'
 
@@ -66,18 +65,32 @@ def reported_entries() -> List[Dict[str, Any]]:
     return list(_reported()['entries'])
 
 
-def find_reported(*, robustbench_id: Optional[str] = None, architecture: Optional[str] = None,
-                  dataset: Optional[str] = None, threat_model: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """RobustBench's entry by id, or the only one for a timm architecture on a dataset and threat model."""
+def find_reported(*, robustbench_id: Optional[str] = None, weights: Optional[str] = None,
+                  dataset: Optional[str] = None, threat_model: Optional[str] = None,
+                  eps: Optional[float] = None) -> Optional[Dict[str, Any]]:
+    """RobustBench's entry by id, or the only one for published weights on a dataset and threat model.
+
+    Args:
+        robustbench_id: RobustBench's name for the model.
+        weights: Pretrained weights as ``arch.tag`` (e.g. 'wrn_a4.cifar10_robustbench'), used when
+            ``robustbench_id`` is None.
+        dataset: Only entries for this dataset.
+        threat_model: Only entries for this norm ('Linf', 'L2', 'L1').
+        eps: Only entries reported at this radius (as :func:`format_eps` spells it).
+
+    Returns:
+        The entry (robustbench_id, dataset, threat_model, model_info), or None when none or several match.
+    """
     entries = reported_entries()
     if robustbench_id is not None:
         ids = {robustbench_id}
-    elif architecture is not None:
-        ids = set(_reported()['architectures'].get(architecture, ()))
+    elif weights is not None:
+        ids = set(_reported()['weights'].get(weights, ()))
     else:
         return None
     found = [e for e in entries if e['robustbench_id'] in ids
-             and (dataset is None or e['dataset'] == dataset) and (threat_model is None or e['threat_model'] == threat_model)]
+             and (dataset is None or e['dataset'] == dataset) and (threat_model is None or e['threat_model'] == threat_model)
+             and (eps is None or e['model_info'].get('eps') == format_eps(eps))]
     return found[0] if len(found) == 1 else None
 
 
@@ -86,11 +99,12 @@ def robustbench_model_info(result: EvaluationResult, *, dataset: str, architectu
     """A RobustBench ``model_info`` entry for this evaluation.
 
     Paper fields (link, name, authors, venue, additional_data, reported) come from RobustBench's entry
-    for the same model when known; ``clean_acc`` and ``autoattack_acc`` are ours (``autoattack_acc``
-    only when AutoAttack standard ran).
+    ``robustbench_id`` when it is given and reported on the same dataset and threat model (norm and
+    eps); ``clean_acc`` and ``autoattack_acc`` are ours (``autoattack_acc`` only when AutoAttack
+    standard ran).
     """
-    known = find_reported(robustbench_id=robustbench_id, architecture=None if robustbench_id else architecture,
-                          dataset=dataset, threat_model=result.norm)
+    known = find_reported(robustbench_id=robustbench_id, dataset=dataset, threat_model=result.norm,
+                          eps=result.eps) if robustbench_id else None
     paper = dict(known['model_info']) if known else {}
     aa = [r for r in result.attacks.values() if r.spec.kind == 'autoattack' and r.spec.version == 'standard']
     info = {field: None for field in MODEL_INFO_FIELDS}
@@ -117,18 +131,24 @@ def _versions() -> Dict[str, Optional[str]]:
 
 
 def result_to_dict(result: EvaluationResult, *, model: str, dataset: str, architecture: Optional[str] = None,
-                   tag: Optional[str] = None, checkpoint: Optional[str] = None, split: str = 'test',
-                   data_source: Optional[str] = None, preprocessing: Optional[Dict[str, Any]] = None,
-                   robustbench_id: Optional[str] = None, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   tag: Optional[str] = None, checkpoint: Optional[str] = None, random_init: bool = False,
+                   split: str = 'test', data_source: Optional[str] = None,
+                   preprocessing: Optional[Dict[str, Any]] = None, robustbench_id: Optional[str] = None,
+                   extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Our results JSON for an evaluation (see the module docstring).
+
+    RobustBench's reported numbers are attached when RobustBench lists the model on the same dataset
+    and threat model (norm and eps): the entry ``robustbench_id``, or else the entry for the pretrained
+    tag's weights (not for a checkpoint or a random initialisation).
 
     Args:
         result: From :func:`robust_resnets.evaluation.evaluate`.
         model: Model name as given (timm name with optional .tag).
         dataset: 'cifar10', 'cifar100', 'imagenet' or another name.
         architecture: timm architecture (default: model without its tag).
-        tag: Pretrained tag.
+        tag: Pretrained tag (default: the part of model after its first '.').
         checkpoint: Local checkpoint file the weights came from.
+        random_init: The model kept its random initialisation (recorded as ``"random_init": true``).
         split: Data split.
         data_source: Where the data came from.
         preprocessing: Resize/crop settings, for ImageNet.
@@ -136,8 +156,10 @@ def result_to_dict(result: EvaluationResult, *, model: str, dataset: str, archit
         extra: More top-level fields.
     """
     architecture = architecture or model.split('.')[0]
-    known = find_reported(robustbench_id=robustbench_id, architecture=None if robustbench_id else architecture,
-                          dataset=dataset, threat_model=result.norm)
+    tag = tag or model.partition('.')[2] or None
+    pretrained = tag is not None and checkpoint is None and not random_init
+    known = find_reported(robustbench_id=robustbench_id, weights=f'{architecture}.{tag}' if pretrained else None,
+                          dataset=dataset, threat_model=result.norm, eps=result.eps)
     out: Dict[str, Any] = {
         'schema': SCHEMA,
         'model': {'name': model, 'architecture': architecture, 'tag': tag, 'checkpoint': checkpoint,
@@ -161,24 +183,11 @@ def result_to_dict(result: EvaluationResult, *, model: str, dataset: str, archit
                                               robustbench_id=known['robustbench_id'] if known else robustbench_id),
         'robustbench_reported': known['model_info'] if known else None,
     }
+    if random_init:
+        out['random_init'] = True
     if extra:
         out.update(extra)
     return out
-
-
-def write_text(text: str, path: Union[str, Path]) -> Path:
-    """Writes a text file atomically (a temporary file in the same folder, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(data: Dict[str, Any], path: Union[str, Path]) -> Path:
