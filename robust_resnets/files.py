@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -24,12 +25,18 @@ def give_umask_permissions(path: PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, *, sole_writer: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` to write the whole file to; it replaces ``path`` when the block ends.
 
     On success the file is flushed to disk, given the umask's permissions and renamed over ``path``
     (an atomic step: readers see the old file or the new one). On an exception the temporary file is
-    removed and ``path`` stays as it was. The folder is created if needed.
+    removed and ``path`` stays as it was. The folder is created if needed. The temporary name ends
+    with ``path``'s suffix, for writers that add one (``np.savez``).
+
+    Args:
+        path: The file to write.
+        sole_writer: No other process writes ``path``: temporaries that killed writers left beside it
+            (e.g. a checkpoint-sized one) are removed after the rename.
 
     Example::
 
@@ -38,7 +45,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    prefix, suffix = f'.{path.name}.', f'.tmp{path.suffix}'
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -50,6 +58,24 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+    if sole_writer:
+        for stale in path.parent.glob(f'{glob.escape(prefix)}*{glob.escape(suffix)}'):
+            stale.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text(text: str, path: PathLike) -> Path:

@@ -185,6 +185,10 @@ def test_state_file_of_other_weights_is_not_reused(tmp_path):
         with_bn[1].running_var.mul_(4)  # same parameters, other buffers
     with pytest.raises(ValueError, match='different evaluation'):
         evaluate(with_bn, x, y, state_path=tmp_path / 'bn.json', **kw)
+    old = dict(json.loads(state.read_text()), version=1)  # written before the weights were fingerprinted
+    state.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match='another version of robust-resnets .* delete it'):
+        evaluate(tiny_cnn(4), x, y, state_path=state, **kw)
 
 
 def _linear_setup(n=8):

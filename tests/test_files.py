@@ -28,3 +28,17 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_nothing_else(tmp_path):
             raise RuntimeError('disk full')
     assert path.read_text() == 'kept'
     assert [p.name for p in tmp_path.iterdir()] == ['result.json']
+
+
+def test_temporaries_keep_the_suffix_and_a_killed_writers_leftovers_go(tmp_path):
+    import numpy as np
+
+    leftover = tmp_path / '.cache.npz.k1ll3d.tmp.npz'  # what a writer killed mid-save leaves
+    leftover.write_bytes(b'partial')
+    with atomic_path(tmp_path / 'cache.npz') as tmp:
+        np.savez(tmp, a=np.arange(3))  # numpy adds .npz to a path that lacks it
+    assert np.load(tmp_path / 'cache.npz')['a'].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [leftover.name, 'cache.npz']  # another writer's, maybe
+    with atomic_path(tmp_path / 'cache.npz', sole_writer=True) as tmp:
+        np.savez(tmp, a=np.arange(4))
+    assert [p.name for p in tmp_path.iterdir()] == ['cache.npz']

@@ -309,10 +309,17 @@ def test_resume_and_run_directory_errors(tmp_path):
     # a run that ended before its first checkpoint starts again with --resume
     train(_cfg(run={'max_steps': 1}), tmp_path / 'early', data=data)
     (tmp_path / 'early' / 'last.pt').unlink()
+    with (tmp_path / 'early' / 'metrics.jsonl').open('a') as f:
+        f.write('{"epoch": 1, "step": 1, "train_lo')  # killed while writing a record
     with pytest.raises(FileExistsError, match='ended before its first checkpoint; pass --resume'):
         train(_cfg(), tmp_path / 'early', data=data)
+    with pytest.raises(ConfigError, match='differs .* in: optim.lr'):
+        train(_cfg(optim={'lr': 0.5}), tmp_path / 'early', data=data, resume=True)
     again = train(_cfg(), tmp_path / 'early', data=data, resume=True)
     assert again['status'] == 'finished' and again['step'] == train(_cfg(), tmp_path / 'fresh', data=data)['step']
+    epoch_steps = lambda run: [json.loads(x)['step'] for x in (tmp_path / run / 'metrics.jsonl').read_text().splitlines()
+                               if 'event' not in json.loads(x)]  # noqa: E731
+    assert epoch_steps('early') == epoch_steps('fresh') == [3, 6]  # each epoch logged once, the cut-off line gone
     a, b = _weights(tmp_path / 'early' / 'model.safetensors'), _weights(tmp_path / 'fresh' / 'model.safetensors')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -29,7 +29,7 @@ from ..files import write_text
 
 __all__ = ['evaluate', 'EvaluationResult', 'AttackResult', 'GradientMaskingWarning']
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the fingerprint holds a digest of the weights
 
 
 class GradientMaskingWarning(UserWarning):
@@ -208,7 +208,11 @@ class _State:
                 data = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 raise ValueError(f'Cannot read the evaluation state file {path} ({e}); delete it to start over.')
-            if data.get('version') != STATE_VERSION or data.get('fingerprint') != fingerprint:
+            if data.get('version') != STATE_VERSION:
+                raise ValueError(f'The state file {path} was written by another version of robust-resnets '
+                                 f'(state version {data.get("version")}, expected {STATE_VERSION}); delete it to '
+                                 f'start over.')
+            if data.get('fingerprint') != fingerprint:
                 raise ValueError(f'The state file {path} belongs to a different evaluation (model weights, data, '
                                  f'attacks or settings differ). Delete it, or pass another state path.')
             self.attacks = data.get('attacks', {})

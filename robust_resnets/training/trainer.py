@@ -304,7 +304,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, cfg: TrainConf
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sole_writer=True) as tmp:  # only rank 0 writes checkpoints
         torch.save(obj, tmp)
 
 
@@ -315,10 +315,13 @@ def _drop_records_after(metrics: Path, step: int) -> None:
     lines = metrics.read_text().splitlines(keepends=True)
     kept = []
     for line in lines:
-        record = json.loads(line) if line.strip() else {}
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut off when the process was killed, or a blank one
+            continue
         if 'event' in record or record.get('step', 0) <= step:
-            kept.append(line)
-    if len(kept) != len(lines):
+            kept.append(line if line.endswith('\n') else line + '\n')
+    if kept != lines:
         write_text(''.join(kept), metrics)
 
 
@@ -368,6 +371,16 @@ def _load_checkpoint(path: Path) -> Dict[str, Any]:
     return ckpt
 
 
+def _refuse_changes(saved: Dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
+    """Raises ConfigError when ``cfg`` differs from the run's saved config in more than the run-control keys."""
+    saved, now = _flatten(saved), _flatten(config_to_dict(cfg))
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RUN_CONTROL_KEYS)
+    if changed:
+        raise ConfigError(f"The config differs from the one '{run_dir}' was started with, in: "
+                          f"{', '.join(changed)}. Resume with the run's own train_config.yaml (only "
+                          f"{', '.join(RUN_CONTROL_KEYS)} may change).")
+
+
 def _check_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> Optional[Dict[str, Any]]:
     """Validates the run directory; returns the checkpoint to resume from (None for a new run)."""
     last = run_dir / 'last.pt'
@@ -375,17 +388,12 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> Optional[Di
     if resume:
         if not last.is_file():
             if started:  # it ended before its first checkpoint: start it again, from step 0
+                _refuse_changes(yaml.safe_load((run_dir / 'train_config.yaml').read_text()), cfg, run_dir)
                 return None
             raise FileNotFoundError(f"Nothing to resume in '{run_dir}': it has no last.pt. Start the run without "
                                     f"--resume.")
         ckpt = _load_checkpoint(last)
-        saved = _flatten(ckpt['config'])
-        now = _flatten(config_to_dict(cfg))
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RUN_CONTROL_KEYS)
-        if changed:
-            raise ConfigError(f"The config differs from the one '{run_dir}' was started with, in: "
-                              f"{', '.join(changed)}. Resume with the run's own train_config.yaml (only "
-                              f"{', '.join(RUN_CONTROL_KEYS)} may change).")
+        _refuse_changes(ckpt['config'], cfg, run_dir)
         return ckpt
     if last.exists():
         raise FileExistsError(f"'{run_dir}' already holds a run; pass --resume to continue it, or choose a new --out.")
@@ -541,6 +549,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
     eval_model = ema.module if ema is not None else raw
 
     metrics_path = run_dir / 'metrics.jsonl'
+    if d.main and resume and not already_exported:
+        # epochs logged after the checkpoint (or, with none, at all) are trained and logged again
+        _drop_records_after(metrics_path, step)
 
     def log(record: Dict[str, Any]) -> None:
         if d.main:
@@ -565,7 +576,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
              'device': str(device), 'amp': amp, 'channels_last': channels_last,
              'params': sum(p.numel() for p in raw.parameters())})
     elif d.main and not already_exported:
-        _drop_records_after(metrics_path, step)  # epochs logged after the checkpoint are trained (and logged) again
         log({'event': 'resume', 'step': step, 'epoch': step / spe})
 
     progress = None

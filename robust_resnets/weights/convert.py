@@ -66,6 +66,8 @@ def load_original_checkpoint(path: os.PathLike) -> Dict[str, Any]:
 
         try:
             return load_file(str(path), device='cpu')
+        except (PermissionError, MemoryError):
+            raise
         except Exception as e:  # safetensors raises its own SafetensorError
             raise ValueError(unreadable.format(kind='safetensors file', why=_first_line(e))) from e
     try:
@@ -79,6 +81,8 @@ def load_original_checkpoint(path: os.PathLike) -> Dict[str, Any]:
             f'({what[:200]}). Pickles can run code, so they are not unpickled fully here. In an '
             f'environment you trust, re-save only its state dict, e.g. torch.save(torch.load(p, weights_only=False)'
             f"['state_dict'], 'state_dict.pt'), and convert that.") from e
+    except (PermissionError, MemoryError):
+        raise
     except Exception as e:  # torch raises OSError, RuntimeError, EOFError, KeyError, ... on a damaged file
         raise ValueError(unreadable.format(kind='PyTorch checkpoint', why=_first_line(e))) from e
     if not isinstance(obj, dict):
