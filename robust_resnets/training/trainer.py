@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
@@ -339,7 +338,10 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 
 
 def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, Any]) -> None:
-    """Writes ``model.safetensors`` and timm's ``config.json`` into the run directory (each atomically)."""
+    """Writes timm's ``config.json``, then ``model.safetensors``, into the run directory (each atomically).
+
+    ``model.safetensors`` comes last: its presence marks a finished export.
+    """
     from timm.models._hub import save_config_for_hf
 
     from robust_resnets.weights.convert import save_safetensors
@@ -348,14 +350,11 @@ def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, 
     training = {'recipe': cfg.description, 'objective': cfg.objective.name, 'epochs': cfg.run.epochs,
                 'threat_model': {'norm': cfg.attack.norm, 'eps': cfg.attack.eps},
                 'dataset': cfg.data.dataset, 'ema': cfg.ema.enabled, **extra}
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix='.export-') as tmp:
-        # timm's save_for_hf refuses to run without a Hub-capable huggingface_hub under timm 1.0.9
-        save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, Path(tmp) / 'model.safetensors',
-                         metadata={'format': 'pt'})
-        save_config_for_hf(model, Path(tmp) / 'config.json', model_config={'training': training},
-                           model_args=model_args)
-        for name in ('model.safetensors', 'config.json'):
-            os.replace(Path(tmp) / name, run_dir / name)
+    # timm's save_for_hf refuses to run without a Hub-capable huggingface_hub under timm 1.0.9
+    with atomic_path(run_dir / 'config.json') as tmp:
+        save_config_for_hf(model, tmp, model_config={'training': training}, model_args=model_args)
+    with atomic_path(run_dir / 'model.safetensors', sole_writer=True) as tmp:
+        save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={'format': 'pt'})
 
 
 # --- the loop ------------------------------------------------------------------------------------------

@@ -59,32 +59,25 @@ def load_original_checkpoint(path: os.PathLike) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'Checkpoint {path} does not exist.')
-    unreadable = (f'{path} is not a readable {{kind}}: it is incomplete, corrupt or another kind of file ({{why}}). '
-                  f'Download it again, or check that it is the checkpoint you meant.')
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device='cpu')
-        except (PermissionError, MemoryError):
-            raise
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise ValueError(unreadable.format(kind='safetensors file', why=_first_line(e))) from e
+    safetensors = path.suffix == '.safetensors'
     try:
+        if safetensors:
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device='cpu')
         obj = torch.load(str(path), map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'Unsupported global' not in str(e):
-            raise ValueError(unreadable.format(kind='PyTorch checkpoint', why=_first_line(e))) from e
-        what = next(line.strip() for line in str(e).splitlines() if 'Unsupported global' in line)
-        raise ValueError(
-            f'{path} cannot be opened with torch.load(weights_only=True): it pickles objects other than tensors '
-            f'({what[:200]}). Pickles can run code, so they are not unpickled fully here. In an '
-            f'environment you trust, re-save only its state dict, e.g. torch.save(torch.load(p, weights_only=False)'
-            f"['state_dict'], 'state_dict.pt'), and convert that.") from e
     except (PermissionError, MemoryError):
         raise
-    except Exception as e:  # torch raises OSError, RuntimeError, EOFError, KeyError, ... on a damaged file
-        raise ValueError(unreadable.format(kind='PyTorch checkpoint', why=_first_line(e))) from e
+    except Exception as e:  # on a damaged file: SafetensorError, or torch's OSError, RuntimeError, EOFError, ...
+        if isinstance(e, pickle.UnpicklingError) and 'Unsupported global' in str(e):
+            raise ValueError(
+                f'{path} cannot be opened with torch.load(weights_only=True): it pickles objects other than tensors '
+                f'({_first_line(e)}). Pickles can run code, so they are not unpickled fully here. In an '
+                f'environment you trust, re-save only its state dict, e.g. torch.save(torch.load(p, '
+                f"weights_only=False)['state_dict'], 'state_dict.pt'), and convert that.") from e
+        raise ValueError(f"{path} is not a readable {'safetensors file' if safetensors else 'PyTorch checkpoint'}: "
+                         f'it is incomplete, corrupt or another kind of file ({_first_line(e)}). Download it '
+                         f'again, or check that it is the checkpoint you meant.') from e
     if not isinstance(obj, dict):
         raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict or a dict wrapping one.')
     return obj
