@@ -123,6 +123,30 @@ def test_outputs_carry_metadata_config_and_card(manifest, tmp_path):
     assert result.sha256 in card
 
 
+def test_training_state_with_ema_needs_a_key(manifest, tmp_path, capsys):
+    """timm's train.py (and ours) save the trained weights and their EMA side by side: --key picks one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    name = 'preact_resnet.fx_huang_rrb_s1'
+    torch.manual_seed(0)
+    trained, averaged = (HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1) for _ in range(2))
+    ckpt = _save({'state_dict': trained.state_dict(), 'state_dict_ema': averaged.state_dict(), 'epoch': 9},
+                 tmp_path / 'last.pth.tar')
+    out = tmp_path / 'out'
+    assert cli_main(['convert', str(ckpt), '--to', name, '--out', str(out)]) == 1
+    assert 'ambiguous' in capsys.readouterr().err and not out.exists()
+    assert cli_main(['convert', str(ckpt), '--to', name, '--out', str(out), '--key', 'nope']) == 1
+    assert "no state dict under 'nope'; its dict entries are ['state_dict', 'state_dict_ema']" in capsys.readouterr().err
+    assert cli_main(['convert', str(ckpt), '--to', name, '--out', str(out), '--key', 'state_dict_ema']) == 0
+    ours = _save(averaged.state_dict(), tmp_path / 'ema_only.pth')
+    convert_checkpoint(ours, name=name, out_dir=tmp_path / 'ema_only')
+    a, b = load_file(str(out / 'model.safetensors')), load_file(str(tmp_path / 'ema_only' / 'model.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(out / 'model.safetensors'), framework='pt') as f:
+        assert f.metadata()['source_key'] == 'state_dict_ema'
+
+
 def test_cli_convert_prints_entry(manifest, tmp_path, capsys):
     ref = HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1)
     ckpt = _save(ref.state_dict(), tmp_path / 'ckpt.pth')
@@ -194,9 +218,15 @@ def test_publish_dry_run_and_upload_calls(manifest, tmp_path, capsys, monkeypatc
     ref = HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1)
     out = tmp_path / 'out'
     convert_checkpoint(_save(ref.state_dict(), tmp_path / 'c.pth'), name='preact_resnet.fx_huang_rrb_s1', out_dir=out)
-    assert cli_main(['publish', str(out), '--repo-id', 'org/fx', '--dry-run']) == 0
+    repo = 'robust-resnets-test/fx_huang_rrb_s1'  # the fixture entry's hf_hub.repo_id
+    assert cli_main(['publish', str(out), '--dry-run']) == 0
     printed = capsys.readouterr().out
-    assert 'Would upload preact_resnet.fx_huang_rrb_s1' in printed and 'model.safetensors' in printed
+    assert f'Would upload preact_resnet.fx_huang_rrb_s1 to https://huggingface.co/{repo}' in printed
+    assert 'model.safetensors' in printed
+    assert cli_main(['publish', str(out), '--repo-id', 'org/fx', '--dry-run']) == 1  # not where timm looks
+    assert f'downloads from {repo}' in capsys.readouterr().err
+    assert cli_main(['publish', str(out), '--repo-id', 'org/fx', '--other-repo', '--dry-run']) == 0
+    assert 'https://huggingface.co/org/fx' in capsys.readouterr().out
 
     calls = []
 
@@ -213,12 +243,30 @@ def test_publish_dry_run_and_upload_calls(manifest, tmp_path, capsys, monkeypatc
 
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
-    assert cli_main(['publish', str(out), '--repo-id', 'org/fx']) == 0
-    assert calls[0][:2] == ('create_repo', 'org/fx')
+    assert cli_main(['publish', str(out)]) == 0
+    assert calls[0][:2] == ('create_repo', repo) and calls[1][1]['repo_id'] == repo
     assert sorted(calls[1][1]['allow_patterns']) == ['README.md', 'config.json', 'model.safetensors']
 
     (out / 'README.md').write_text('edited by hand')
     assert cli_main(['publish', str(out), '--repo-id', 'org/fx', '--dry-run']) == 1
     assert 'different conversions' in capsys.readouterr().err
     assert cli_main(['publish', str(tmp_path / 'nowhere'), '--repo-id', 'org/fx', '--dry-run']) == 1
-    assert cli_main(['publish', str(out), '--repo-id', 'no-slash', '--dry-run']) == 1
+    assert cli_main(['publish', str(out), '--repo-id', 'no-slash', '--other-repo', '--dry-run']) == 1
+    capsys.readouterr()
+
+    weights = out / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted copy
+    assert cli_main(['publish', str(out), '--dry-run']) == 1
+    assert 'not a readable safetensors file' in capsys.readouterr().err
+
+
+def test_publish_refuses_a_file_the_manifest_would_reject(tmp_path, monkeypatch, capsys):
+    ref = HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1)
+    name = 'preact_resnet.fx_huang_rrb_s1'
+    entries = _entries()
+    entries[name]['sha256'] = '0' * 64  # published earlier, from another conversion
+    use_manifest(monkeypatch, tmp_path / 'manifest', entries)
+    out = tmp_path / 'out'
+    convert_checkpoint(_save(ref.state_dict(), tmp_path / 'c.pth'), name=name, out_dir=out)
+    assert cli_main(['publish', str(out), '--dry-run']) == 1
+    assert 'would fail the checksum' in capsys.readouterr().err

@@ -345,6 +345,21 @@ def test_cli_eval_and_leaderboard(tmp_path, monkeypatch, capsys, tiny_registered
     assert 'No cifar10 data in' in capsys.readouterr().err
 
 
+def test_eval_takes_the_tags_dataset(tmp_path, capsys):
+    """A tag is scored on the dataset it was trained on: --dataset defaults to it, and another is refused."""
+    from robust_resnets.evaluation.sources import load_model
+
+    with pytest.raises(ValueError, match='trained on cifar100, so cifar10 labels would not score it. Pass --dataset '
+                                         'cifar100'):
+        load_model('wrn_28_10.cifar100_trades', dataset='cifar10', random_init=True)
+    # SVHN and CIFAR-10 both have 10 classes: only the tag tells them apart
+    assert _run_cli(['eval', 'robnet_free.svhn_pgd_at', '--random-init', '--data-dir', str(tmp_path)]) == 1
+    assert 'trained on svhn' in capsys.readouterr().err
+    assert _run_cli(['eval', 'robnet_free.svhn_pgd_at', '--dataset', 'cifar10', '--random-init',
+                     '--data-dir', str(tmp_path)]) == 1
+    assert 'no svhn loader' in capsys.readouterr().err
+
+
 def test_cli_eval_checks_out_before_the_evaluation(tmp_path, monkeypatch, capsys, tiny_registered_model):
     monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
     _write_images(tmp_path / 'cifar', per_class=1)

@@ -61,3 +61,41 @@ def test_hub_lists_only_models():
 def test_hub_load_local():
     model = torch.hub.load(str(ROOT), 'robust_resnet_a1', source='local', num_classes=3, depths=(1, 1, 1))
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_hub_load_from_github_style_zip(tmp_path):
+    """torch.hub unpacks GitHub's zipball with zipfile, which writes the manifest_data symlink as a plain file."""
+    import os
+    import zipfile
+
+    try:
+        listed = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        import pytest
+        pytest.skip('needs a git checkout of the project')
+    archive = tmp_path / 'repo.zip'
+    with zipfile.ZipFile(archive, 'w') as zf:
+        for rel in listed:
+            path = ROOT / rel
+            if path.is_symlink():  # as GitHub stores it: the link target as the content, symlink mode bits
+                info = zipfile.ZipInfo(f'repo-main/{rel}')
+                info.external_attr = 0o120777 << 16
+                zf.writestr(info, os.readlink(path))
+            elif path.is_file():
+                zf.write(path, f'repo-main/{rel}')
+    extract = getattr(torch.hub, '_safe_extract_zip', None)
+    with zipfile.ZipFile(archive) as zf:
+        if extract is not None:
+            extract(zf, str(tmp_path))
+        else:
+            zf.extractall(tmp_path)
+    repo = tmp_path / 'repo-main'
+    assert (repo / 'robust_resnets/weights/manifest_data').is_file()  # what torch.hub leaves
+    code = ('import sys, torch, timm; '
+            f"m = torch.hub.load({str(repo)!r}, 'robust_resnet_a0', source='local', num_classes=3); "
+            "import robust_resnets; print(robust_resnets.__file__); print(len(timm.list_pretrained('robust_resnet_a0*')))")
+    out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    file, tags = out.stdout.split()[-2:]
+    assert Path(file).resolve().is_relative_to(repo.resolve()) and int(tags) >= 1

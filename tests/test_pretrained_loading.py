@@ -136,6 +136,53 @@ def test_file_for_another_architecture_or_class_count(hub_env, tmp_path, tiny_we
         timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(hundred)))
 
 
+def test_manifest_folders_added_after_import(tmp_path, monkeypatch, tiny_weights):
+    """Tags of a folder named after the import load without calling register_manifest() by hand."""
+    from robust_resnets.weights import manifest as mf
+    from _weights_fixtures import write_manifest
+
+    data, sd = tiny_weights
+    local = tmp_path / 'model.safetensors'
+    local.write_bytes(data)
+    overlay = dict(file=str(local))
+    monkeypatch.setattr(mf, '_EXTRA_DIRS', [])
+    late = write_manifest(tmp_path / 'env', {'preact_resnet.fx_late_env': entry(name='fx_late_env', model_args=TINY)})
+    monkeypatch.setenv(mf.MANIFEST_DIR_ENV, str(late.parent))
+    _assert_loaded(timm.create_model('preact_resnet.fx_late_env', pretrained=True, pretrained_cfg_overlay=overlay), sd)
+
+    added = write_manifest(tmp_path / 'added', {'preact_resnet.fx_late_add': entry(name='fx_late_add', model_args=TINY)})
+    mf.add_manifest_dir(added.parent)
+    assert 'preact_resnet.fx_late_add' in timm.list_pretrained('preact_resnet.fx_late*')
+    _assert_loaded(timm.create_model('preact_resnet.fx_late_add', pretrained=True, pretrained_cfg_overlay=overlay), sd)
+
+    clash = write_manifest(tmp_path / 'clash', {'preact_resnet.fx_late_add': entry(name='fx_late_add')})
+    with pytest.raises(mf.ManifestError, match='defined twice'):
+        mf.add_manifest_dir(clash.parent)
+    assert mf.manifest_dirs()[1:2] == [added.parent]  # the bad folder was not kept
+
+
+def test_other_in_chans_with_standardisation_inside(tmp_path, monkeypatch):
+    """A checkpoint that standardises inside loads into a 1-channel model with the caller's own statistics."""
+    from robust_resnets.models.layers import CIFAR10_MEAN, CIFAR10_STD
+
+    args = dict(TINY, input_mean=list(CIFAR10_MEAN), input_std=list(CIFAR10_STD))
+    use_manifest(monkeypatch, tmp_path / 'manifest', {'preact_resnet.fx_norm_inside': entry(
+        name='fx_norm_inside', model_args=args,
+        normalization={'inside_model': True, 'mean': list(CIFAR10_MEAN), 'std': list(CIFAR10_STD)})})
+    torch.manual_seed(0)
+    sd = timm.create_model('preact_resnet', **args).state_dict()
+    path = tmp_path / 'model.safetensors'
+    save_file(sd, str(path))
+    overlay = dict(file=str(path))
+    with pytest.raises(ValueError, match='in_chans=1; pass input_mean and input_std with 1 values each'):
+        timm.create_model('preact_resnet.fx_norm_inside', pretrained=True, in_chans=1, pretrained_cfg_overlay=overlay)
+    gray = timm.create_model('preact_resnet.fx_norm_inside', pretrained=True, in_chans=1, input_mean=[0.5],
+                             input_std=[0.25], pretrained_cfg_overlay=overlay)
+    assert gray.normalize.mean.flatten().tolist() == [0.5] and gray.normalize.std.flatten().tolist() == [0.25]
+    assert torch.allclose(gray.stem.weight, sd['stem.weight'].sum(dim=1, keepdim=True))  # timm's adaptation
+    _assert_loaded(gray, sd, skip=('stem.weight', 'normalize.mean', 'normalize.std'))
+
+
 def test_model_args_and_untagged_default(hub_env):
     model = timm.create_model(NAME)
     assert [len(s.blocks) for s in model.stages] == [1, 1, 1]

@@ -277,6 +277,14 @@ def test_kill_and_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if k != 'epoch_time_s'}  # noqa: E731
     assert [strip(r) for r in epochs_a] == [strip(r) for r in epochs_b]
 
+    # the EMA sits under timm's key: timm's loader picks the exported average; our filters ask which one
+    from timm.models import load_state_dict
+    from robust_resnets.models.layers import strip_checkpoint_wrappers
+    timm_ema = load_state_dict(str(tmp_path / 'killed' / 'last.pt'), use_ema=True)
+    assert timm_ema.keys() == b.keys() and all(torch.equal(timm_ema[k], b[k]) for k in b)
+    with pytest.raises(ValueError, match="ambiguous.*--key state_dict_ema"):
+        strip_checkpoint_wrappers(last_b)
+
     exported = {f: (tmp_path / 'killed' / f).read_bytes() for f in ('model.safetensors', 'config.json', 'metrics.jsonl')}
     again = train(_resume_cfg(), tmp_path / 'killed', data=data, resume=True)  # a run that already ended
     assert again['status'] == 'finished' and again['step'] == 6
@@ -358,6 +366,18 @@ def test_export_loads_in_timm_and_fine_tunes_with_a_new_head(tmp_path):
         file=str(run / 'model.safetensors')), **TINY['kwargs'])
     saved = _weights(run / 'model.safetensors')
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    # the README's recipe with the config's own model_args, for a new head
+    tuned = timm.create_model(config['architecture'], pretrained=True, num_classes=100, pretrained_cfg_overlay=dict(
+        file=str(run / 'model.safetensors')), **config['model_args'])
+    assert tuned.num_classes == 100 and torch.equal(tuned.stem.weight, saved['stem.weight'])
+    from timm.models._factory import parse_model_name
+    try:
+        has_local_dir = parse_model_name('local-dir:x')[0] == 'local-dir'
+    except AssertionError:  # timm 1.0.9 knows no local-dir: source
+        has_local_dir = False
+    if has_local_dir:
+        local = timm.create_model(f'local-dir:{run}', pretrained=True)
+        assert local.num_classes == 10 and all(torch.equal(v, saved[k]) for k, v in local.state_dict().items())
     # fine-tuning: the exported weights with a fresh 100-class head
     cfg = _cfg(model={'pretrained_file': str(run / 'model.safetensors'), 'num_classes': 100},
                objective={'name': 'clean'}, run={'max_steps': 1})

@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGED = load_manifest([REPO_ROOT / 'weights_manifest'])
 
 # Table 2 "D&W" rows: the README's #P differs by a few percent from the WRN-A* it names (noted in the entries)
-KNOWN_PARAM_GAPS = {'wrn_a1.cifar10_trades', 'wrn_a2.cifar10_trades', 'wrn_a3.cifar10_trades', 'wrn_a4.cifar10_trades'}
+KNOWN_PARAM_GAPS = {'wrn_a1.cifar10_trades', 'wrn_a2.cifar10_trades', 'wrn_a3.cifar10_trades'}
 
 
 def test_packaged_manifest_is_the_repo_folder():
@@ -147,6 +147,18 @@ def test_param_counts_match_reported():
         assert abs(n - params) <= 0.01 * params + 0.05, f'{name}: {n:.1f}M params built, {params}M reported'
         checked += 1
     assert checked >= 40
+
+
+def test_original_layouts_are_ones_the_family_converts():
+    """The layout an entry names (and its convert command passes as --layout) is one its family's filter takes."""
+    from robust_resnets.weights.convert import family_module
+
+    for name, w in PACKAGED.items():
+        if not timm.is_model(w.architecture):
+            continue
+        layouts = set(family_module(w.architecture).CHECKPOINT_LAYOUTS) | {'timm'}
+        assert w.original['layout'] in layouts, f"{name}: layout {w.original['layout']!r} not in {sorted(layouts)}"
+        assert w.convert_command().endswith(f"--layout {w.original['layout']}")
 
 
 def test_normalisation_inside_matches_the_architecture():

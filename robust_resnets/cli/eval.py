@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     'aa-rand, aa:<attack>+<attack> (e.g. aa:apgd-ce+apgd-t).')
     parser.add_argument('model', help='model name with optional tag (robust_resnet_a1.cifar10_trades), or any timm '
                                       'model name (with --checkpoint or --random-init)')
-    parser.add_argument('--dataset', default='cifar10', choices=('cifar10', 'cifar100', 'imagenet'))
+    parser.add_argument('--dataset', default=None, choices=('cifar10', 'cifar100', 'imagenet'),
+                        help="default: the tag's dataset, else cifar10")
     parser.add_argument('--attacks', default='clean,pgd20,cw40,aa', help='comma-separated (default: %(default)s)')
     parser.add_argument('--eps', default=None, help='threat model radius, e.g. 8/255 (default: the manifest entry '
                                                     "of the tag, else 8/255 for CIFAR and 4/255 for ImageNet)")
@@ -84,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     from robust_resnets.evaluation.sources import load_dataset, load_model, weights_entry
 
     entry = weights_entry(args.model)
+    if args.dataset is None:
+        args.dataset = entry.dataset if entry is not None else 'cifar10'
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     eps = parse_eps(args.eps) if args.eps is not None else (
         entry.eps_value if entry is not None and entry.eps_value is not None else

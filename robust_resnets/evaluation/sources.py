@@ -43,12 +43,19 @@ def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = 
 
     import robust_resnets  # noqa: F401  (registers the models)
 
-    if dataset not in DATASETS:
-        raise ValueError(f"Unknown dataset '{dataset}'; use one of {sorted(DATASETS)}.")
     arch = name.split('.', 1)[0]
     if not timm.is_model(arch):
         raise ValueError(f"Unknown model '{arch}'. `robust-resnets models` lists ours; any timm model name works too.")
     entry = weights_entry(name)
+    if entry is not None and entry.dataset not in DATASETS:
+        raise ValueError(f'{name} was trained on {entry.dataset}, and `robust-resnets eval` has no {entry.dataset} '
+                         f'loader; evaluate it with robust_resnets.evaluation.evaluate(model, images, labels, ...) '
+                         f'on {entry.dataset} test tensors.')
+    if entry is not None and entry.dataset != dataset:
+        raise ValueError(f'{name} was trained on {entry.dataset}, so {dataset} labels would not score it. Pass '
+                         f'--dataset {entry.dataset}.')
+    if dataset not in DATASETS:
+        raise ValueError(f"Unknown dataset '{dataset}'; use one of {sorted(DATASETS)}.")
     if entry is not None:
         from robust_resnets.weights import register_manifest
 

@@ -42,7 +42,7 @@ from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.vision_transformer import VisionTransformer
 
 from ..weights import resolve_pretrained_kwargs
-from .layers import ClassifierHeadMixin, InputNormalize, strip_checkpoint_wrappers
+from .layers import ClassifierHeadMixin, InputNormalize, fill_input_normalize, strip_checkpoint_wrappers
 
 __all__ = [
     'StemLayerNorm2d', 'ConvStem', 'ConvStemPatchEmbed', 'ConvStemVisionTransformer', 'ConvStemConvNeXt', 'ConvNeXtIsotropic',
@@ -396,9 +396,7 @@ def checkpoint_filter_fn(
     if not has_norm and any(k.startswith('normalize.') for k in state_dict):
         raise ValueError('The checkpoint standardises its inputs inside (it has normalize.mean/std) but the model '
                          'was built without; create it with input_norm=True.')
-    for k in ('normalize.mean', 'normalize.std'):
-        if has_norm and k not in state_dict:
-            state_dict[k] = model_sd[k].clone()
+    fill_input_normalize(state_dict, model_sd)
     pos_embed = state_dict.get('pos_embed')
     if pos_embed is not None and 'pos_embed' in model_sd and pos_embed.shape != model_sd['pos_embed'].shape:
         prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens

@@ -34,7 +34,7 @@ __all__ = [
     'FactorizedReduce', 'skip_connect', 'preprocess_inputs', 'resolve_genotype', 'CellNetwork', 'DartsCell',
     'edge_drop_path',
     'DartsNetwork', 'checkpoint_filter_fn', 'detect_layout', 'original_keys', 'filter_cell_network_checkpoint',
-    'feature_cfg', 'ROBNETS_OP_KEY',
+    'feature_cfg', 'ROBNETS_OP_KEY', 'CHECKPOINT_LAYOUTS',
 ]
 
 #: A DARTS genotype: ``normal``/``reduce`` list ``(op_name, input_index)`` pairs, two per node; the
@@ -473,6 +473,9 @@ def filter_cell_network_checkpoint(state_dict: Dict[str, Any], model: nn.Module,
     return out
 
 
+CHECKPOINT_LAYOUTS = ('darts', 'timm')
+
+
 def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
     """Names the layout of a DartsNetwork state dict: 'timm' (ours) or 'darts' (nutellamok/advrush, DARTS,
     and Huang et al. 2022's copy)."""
@@ -502,8 +505,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DartsNetwork,
     """
     state_dict = strip_checkpoint_wrappers(state_dict)
     layout = layout or detect_layout(state_dict)
-    if layout not in ('darts', 'timm'):
-        raise ValueError(f"Unknown layout '{layout}' for a DARTS-style model; use 'darts' or 'timm'.")
+    if layout not in CHECKPOINT_LAYOUTS:
+        raise ValueError(f"Unknown layout '{layout}' for a DARTS-style model; use one of {list(CHECKPOINT_LAYOUTS)}.")
     return filter_cell_network_checkpoint(state_dict, model, layout)
 
 

@@ -11,7 +11,7 @@ from timm.layers import LayerNorm2d, get_act_layer
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CIFAR100_MEAN', 'CIFAR100_STD',
     'InputNormalize', 'ClassifierHeadMixin', 'resolve_act_layer', 'resolve_norm_layer', 'LayerType',
-    'strip_checkpoint_wrappers',
+    'strip_checkpoint_wrappers', 'fill_input_normalize',
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -134,21 +134,32 @@ def resolve_norm_layer(norm: Optional[LayerType]) -> Callable[..., nn.Module]:
 _WRAPPER_PREFIXES = ('module.', 'base_model.', 'model.', '_orig_mod.')
 
 
+_TRAINED_KEYS = ('state_dict', 'model_state_dict', 'model')
+_EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema_state_dict', 'ema')
+
+
+def _holds_tensors(value: Any) -> bool:
+    return isinstance(value, dict) and any(torch.is_tensor(v) for v in value.values())
+
+
 def strip_checkpoint_wrappers(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The tensors of a checkpoint, out of training-state wrappers (``state_dict``, ``model_state_dict``,
-    ``state_dict_ema``, ``model``, ``ema_state_dict``) and ``module.``/``base_model.``/``model.``/``_orig_mod.``
-    prefixes in any order (DDP, EMA, input-normalising and torch.compile wrappers).
+    ``model``, or an EMA's ``state_dict_ema``, ``model_ema``, ``ema_state_dict``, ``ema``) and
+    ``module.``/``base_model.``/``model.``/``_orig_mod.`` prefixes in any order (DDP, EMA, input-normalising and
+    torch.compile wrappers).
 
     Raises:
         ValueError: The file holds both the trained and the EMA weights, so which one to load is ambiguous.
     """
-    if 'model_state_dict' in state_dict and 'state_dict_ema' in state_dict:
-        raise ValueError("The checkpoint holds both 'model_state_dict' and 'state_dict_ema' (a training state); "
-                         "pass the one you want, e.g. checkpoint['state_dict_ema'].")
-    for key in ('state_dict', 'model_state_dict', 'state_dict_ema', 'model', 'ema_state_dict'):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
+    trained = [k for k in _TRAINED_KEYS if _holds_tensors(state_dict.get(k))]
+    ema = [k for k in _EMA_KEYS if _holds_tensors(state_dict.get(k))]
+    if trained and ema:
+        raise ValueError(f"The checkpoint holds both trained weights ({trained[0]!r}) and their moving average "
+                         f"({ema[0]!r}), so which to load is ambiguous. Pick one: `robust-resnets convert CHECKPOINT "
+                         f"--to NAME --key {ema[0]}` (or --key {trained[0]}), or pass checkpoint[{ema[0]!r}] itself.")
+    for key in trained + ema:
+        state_dict = state_dict[key]
+        break
     out = {}
     for k, v in state_dict.items():
         if not torch.is_tensor(v):
@@ -161,3 +172,12 @@ def strip_checkpoint_wrappers(state_dict: Dict[str, Any]) -> Dict[str, torch.Ten
                     k, stripped = k[len(prefix):], True
         out[k] = v
     return out
+
+
+def fill_input_normalize(state_dict: Dict[str, torch.Tensor], model_state: Dict[str, torch.Tensor]) -> None:
+    """Gives ``state_dict`` the model's own ``normalize.mean/std`` where the checkpoint has none, or has them
+    for another channel count (a model built with another ``in_chans`` and its own ``input_mean/std``, whose
+    first conv timm adapts); statistics of the model's shape are left to the checkpoint."""
+    for k in ('normalize.mean', 'normalize.std'):
+        if k in model_state and (k not in state_dict or state_dict[k].numel() != model_state[k].numel()):
+            state_dict[k] = model_state[k].clone()

@@ -29,7 +29,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from ..weights import resolve_pretrained_kwargs
 from .layers import (
     CIFAR10_MEAN, CIFAR10_STD, ClassifierHeadMixin, InputNormalize, LayerType, resolve_act_layer, resolve_norm_layer,
-    strip_checkpoint_wrappers,
+    fill_input_normalize, strip_checkpoint_wrappers,
 )
 
 __all__ = ['PreActBasicBlock', 'RobustResBlock', 'PreActStage', 'PreActResNet', 'checkpoint_filter_fn']
@@ -492,9 +492,7 @@ def checkpoint_filter_fn(
             if alt in model_sd:
                 state_dict[alt] = state_dict.pop(k)
     out = {k: v for k, v in state_dict.items() if k in model_sd or not k.endswith('num_batches_tracked')}
-    for k in ('normalize.mean', 'normalize.std'):
-        if k in model_sd and k not in out:
-            out[k] = model_sd[k].clone()
+    fill_input_normalize(out, model_sd)
     for k in list(out):
         if k in model_sd and out[k].shape != model_sd[k].shape and out[k].numel() == model_sd[k].numel():
             out[k] = out[k].reshape(model_sd[k].shape)  # e.g. mu/sigma stored as (1, 3, 1, 1)

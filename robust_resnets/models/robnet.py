@@ -31,7 +31,7 @@ from .layers import strip_checkpoint_wrappers
 
 __all__ = [
     'ARCH_CODES', 'ROBNET_CONFIGS', 'ROBNET_OPS', 'ResSepConv', 'RobNetCell', 'RobNet', 'resolve_arch_code',
-    'checkpoint_filter_fn', 'detect_layout',
+    'checkpoint_filter_fn', 'detect_layout', 'CHECKPOINT_LAYOUTS',
 ]
 
 #: The released RobNet architecture codes (gmh14/RobNets ``architecture_code.py``).
@@ -196,6 +196,9 @@ class RobNet(CellNetwork):
 
 
 # --- checkpoint layouts ------------------------------------------------------------------------------
+CHECKPOINT_LAYOUTS = ('robnets', 'timm')
+
+
 def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
     """Names the layout of a RobNet state dict: 'timm' (ours) or 'robnets' (gmh14/RobNets ``.pth.tar``
     and Huang et al. 2022's copy of that code)."""
@@ -219,8 +222,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RobNet,
     """
     state_dict = strip_checkpoint_wrappers(state_dict)
     layout = layout or detect_layout(state_dict)
-    if layout not in ('robnets', 'timm'):
-        raise ValueError(f"Unknown layout '{layout}' for a RobNet; use 'robnets' or 'timm'.")
+    if layout not in CHECKPOINT_LAYOUTS:
+        raise ValueError(f"Unknown layout '{layout}' for a RobNet; use one of {list(CHECKPOINT_LAYOUTS)}.")
     return filter_cell_network_checkpoint(state_dict, model, layout)
 
 

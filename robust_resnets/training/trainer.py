@@ -353,6 +353,12 @@ def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, 
     # timm's save_for_hf refuses to run without a Hub-capable huggingface_hub under timm 1.0.9
     with atomic_path(run_dir / 'config.json') as tmp:
         save_config_for_hf(model, tmp, model_config={'training': training}, model_args=model_args)
+        # newer timm records the head's arguments among model_args too; they are the config's num_classes and
+        # pretrained_cfg, and keeping them out lets create_model(arch, num_classes=N, **model_args) fine-tune
+        config = json.loads(Path(tmp).read_text(encoding='utf-8'))
+        for key in ('num_classes', 'global_pool'):
+            config.get('model_args', {}).pop(key, None)
+        Path(tmp).write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
     with atomic_path(run_dir / 'model.safetensors', sole_writer=True) as tmp:
         save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={'format': 'pt'})
 
@@ -520,8 +526,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         raw.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
-        if ema is not None:
-            ema.module.load_state_dict(ckpt['ema'])
+        if ema is not None:  # 'ema' in checkpoints written before the key was timm's
+            ema.module.load_state_dict(ckpt['state_dict_ema'] if 'state_dict_ema' in ckpt else ckpt['ema'])
         step, best, accum = ckpt['step'], ckpt['best'], ckpt['accum']
         last_eval = ckpt.get('last_eval', {})  # absent from checkpoints written before it was kept
         _set_rng_state(ckpt['rng'], device)
@@ -565,7 +571,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         _atomic_torch_save({
             'format_version': CHECKPOINT_VERSION, 'config': config_to_dict(cfg), 'step': step,
             'epoch': step // spe, 'model': raw.state_dict(), 'optimizer': optimizer.state_dict(),
-            'scheduler': scheduler.state_dict(), 'ema': ema.module.state_dict() if ema is not None else None,
+            'scheduler': scheduler.state_dict(),
+            # timm's key: timm.models.load_checkpoint(model, 'last.pt', use_ema=True) loads the average
+            'state_dict_ema': ema.module.state_dict() if ema is not None else None,
             'rng': _rng_state(device), 'best': best, 'accum': accum.cpu(), 'last_eval': last_eval,
         }, run_dir / 'last.pt')
         saved_at[0] = step

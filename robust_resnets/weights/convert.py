@@ -48,13 +48,17 @@ class ConversionResult:
     entry: Dict[str, Any]  # the manifest entry with sha256 and size, and package_file or published=True
 
 
-def load_original_checkpoint(path: os.PathLike) -> Dict[str, Any]:
+def load_original_checkpoint(path: os.PathLike, *, key: Optional[str] = None) -> Dict[str, Any]:
     """Opens a checkpoint without executing code: safetensors, or a pickle through ``weights_only=True``.
+
+    Args:
+        path: The file.
+        key: The entry of a training-state dict to return (e.g. ``'state_dict_ema'``); None returns it whole.
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: The file is incomplete, corrupt or not a checkpoint, or the pickle holds objects other than
-            tensors and plain containers.
+        ValueError: The file is incomplete, corrupt or not a checkpoint, the pickle holds objects other than
+            tensors and plain containers, or it has no dict under ``key``.
     """
     path = Path(path)
     if not path.is_file():
@@ -80,6 +84,11 @@ def load_original_checkpoint(path: os.PathLike) -> Dict[str, Any]:
                          f'again, or check that it is the checkpoint you meant.') from e
     if not isinstance(obj, dict):
         raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict or a dict wrapping one.')
+    if key is not None:
+        if not isinstance(obj.get(key), dict):
+            choices = sorted(k for k, v in obj.items() if isinstance(k, str) and isinstance(v, dict))
+            raise ValueError(f'{path} has no state dict under {key!r}; its dict entries are {choices}.')
+        obj = obj[key]
     return obj
 
 
@@ -286,6 +295,7 @@ def convert_checkpoint(
         name: str,
         out_dir: os.PathLike,
         layout: Optional[str] = None,
+        key: Optional[str] = None,
         dtype: Optional[str] = None,
         overwrite: bool = False,
 ) -> ConversionResult:
@@ -296,6 +306,8 @@ def convert_checkpoint(
         name: Manifest entry, ``arch.tag``.
         out_dir: Folder to write model.safetensors, config.json and README.md into (created if needed).
         layout: Key layout of the original (family-specific, e.g. 'huang2022'); detected when None.
+        key: The entry of a training state to convert (e.g. 'state_dict_ema' of a file that also holds the
+            trained weights); None unwraps the usual wrappers.
         dtype: Storage dtype of the parameters ('float32', 'float16', 'bfloat16'); None stores the model's
             own (float32). Buffers stay float32. Models load any of them into their float32 parameters.
         overwrite: Replace files already in ``out_dir``.
@@ -318,7 +330,7 @@ def convert_checkpoint(
     existing = [f for f in OUTPUT_FILES if (out_dir / f).exists()]
     if existing and not overwrite:
         raise ValueError(f'{out_dir} already holds {existing}; pass --overwrite or choose another --out.')
-    raw = load_original_checkpoint(checkpoint)
+    raw = load_original_checkpoint(checkpoint, key=key)
     model, detected = _map_and_load(raw, weights, layout)
     cast = STORAGE_DTYPES.get(dtype)
     params = {k for k, _ in model.named_parameters()}
@@ -331,6 +343,7 @@ def convert_checkpoint(
         'model_args': json.dumps(dict(weights.model_args), sort_keys=True),
         'source_file': Path(checkpoint).name, 'source_sha256': source_sha256, 'source_layout': detected,
         'converter': f'robust-resnets {__version__}', 'dtype': dtype or 'float32',
+        **({'source_key': key} if key is not None else {}),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     # every file goes to a temporary name first; they are renamed into place only when all are written

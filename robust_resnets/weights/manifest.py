@@ -31,7 +31,17 @@ __all__ = [
 ]
 
 MANIFEST_DIR_ENV = 'ROBUST_RESNETS_MANIFEST_DIR'
-_PACKAGED_DIR = Path(__file__).resolve().with_name('manifest_data')  # symlink to weights_manifest/ in a checkout
+
+
+def _packaged_manifest_dir() -> Path:
+    """The manifest shipped with the code: ``manifest_data`` (a symlink to ``weights_manifest/`` in a checkout),
+    or ``weights_manifest/`` itself where the symlink became a plain file (torch.hub's GitHub zip, Windows)."""
+    here = Path(__file__).resolve().parent
+    inside = here / 'manifest_data'
+    return inside if inside.is_dir() else here.parents[1] / 'weights_manifest'
+
+
+_PACKAGED_DIR = _packaged_manifest_dir()
 #: Weights files shipped inside the package (an entry's ``package_file`` is relative to this folder).
 PACKAGED_WEIGHTS_DIR = Path(__file__).resolve().with_name('packaged')
 ORIGINS = ('authors', 'robust-resnets')
@@ -347,12 +357,26 @@ def manifest_dirs() -> List[Path]:
 
 
 def add_manifest_dir(path: os.PathLike) -> None:
-    """Adds a folder of manifest files (e.g. private or test checkpoints) for this process."""
+    """Adds a folder of manifest files (e.g. private or test checkpoints) for this process and registers
+    its tags with timm.
+
+    Raises:
+        FileNotFoundError: No such folder.
+        ManifestError: An entry is invalid or redefines a name (the folder is then not added).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f'Manifest folder {path} does not exist; create it with *.json manifest files.')
     if path not in _EXTRA_DIRS:
         _EXTRA_DIRS.append(path)
+        try:
+            get_manifest()
+        except ManifestError:
+            _EXTRA_DIRS.remove(path)
+            raise
+    from .registry import register_manifest
+
+    register_manifest()
 
 
 def load_manifest(dirs: Iterable[os.PathLike]) -> Dict[str, PretrainedWeights]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+from timm.models import is_model_pretrained
+
 from .manifest import PretrainedWeights, entries_for_architecture, get_manifest
 
 __all__ = ['resolve_pretrained_kwargs', 'check_weights_file']
@@ -119,10 +121,18 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
         weights = get_manifest().get(f'{variant}.{tag}')
         if weights is None:
             return kwargs  # a tag from the family's own default_cfgs
+        if not is_model_pretrained(weights.name):  # from a folder named in the environment after the import
+            from .registry import register_manifest
+
+            register_manifest()
 
     # the checkpoint's arguments override the entry point's defaults (which arrive here merged with the
     # caller's kwargs, so the two cannot be told apart): a tag always builds the architecture it was trained with
-    kwargs.update(weights.model_args)
+    args = dict(weights.model_args)
+    if kwargs.get('in_chans', weights.input_size[0]) != weights.input_size[0]:
+        # the checkpoint's per-channel input statistics cannot fit another channel count: the caller's apply
+        args = {k: v for k, v in args.items() if k not in ('input_mean', 'input_std') or k not in kwargs}
+    kwargs.update(args)
     if not pretrained:
         return kwargs
 

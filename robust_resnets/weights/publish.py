@@ -24,25 +24,35 @@ class PublishPlan:
     sha256: str  # of model.safetensors
 
 
-def plan_upload(folder: os.PathLike, *, repo_id: str) -> PublishPlan:
+def plan_upload(folder: os.PathLike, *, repo_id: Optional[str] = None, other_repo: bool = False) -> PublishPlan:
     """Checks that ``folder`` is a complete converted folder and lists what would be uploaded.
+
+    Args:
+        folder: A folder written by ``robust-resnets convert``.
+        repo_id: The target model repo; by default the one the folder's manifest entry downloads from.
+        other_repo: Allow a ``repo_id`` other than the manifest's (e.g. a staging copy).
 
     Raises:
         FileNotFoundError: The folder or one of its files is missing.
-        ValueError: The repo id is malformed, or the files disagree with each other.
+        ValueError: The repo id is malformed or not the manifest's, the weights file is unreadable or not the
+            one the manifest checks for, or the files disagree with each other.
     """
+    from safetensors import SafetensorError, safe_open
+
+    from .manifest import get_manifest
+
     folder = Path(folder)
-    if '/' not in repo_id or repo_id.count('/') != 1 or not all(repo_id.split('/')):
-        raise ValueError(f"--repo-id must be 'ORG/NAME', got {repo_id!r}.")
     if not folder.is_dir():
         raise FileNotFoundError(f'{folder} is not a folder; create it with `robust-resnets convert`.')
     missing = [f for f in OUTPUT_FILES if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(f'{folder} lacks {missing}; re-run `robust-resnets convert ... --out {folder}`.')
-    from safetensors import safe_open
-
-    with safe_open(str(folder / 'model.safetensors'), framework='pt') as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(folder / 'model.safetensors'), framework='pt') as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f'{folder / "model.safetensors"} is not a readable safetensors file ({e}); it is incomplete '
+                         f'or damaged. Re-run `robust-resnets convert ... --out {folder} --overwrite`.') from e
     config = json.loads((folder / 'config.json').read_text(encoding='utf-8'))
     name = meta.get('name', '')
     if not name or meta.get('architecture') != config.get('architecture'):
@@ -52,6 +62,24 @@ def plan_upload(folder: os.PathLike, *, repo_id: str) -> PublishPlan:
     if sha256 not in (folder / 'README.md').read_text(encoding='utf-8'):
         raise ValueError(f'{folder}: README.md does not carry the sha256 of model.safetensors ({sha256}); the files '
                          f'come from different conversions. Re-run convert.')
+    weights = get_manifest().get(name)
+    expected = weights.hf_hub_id if weights is not None else None
+    if repo_id is None:
+        if expected is None:
+            raise ValueError(f'{name} is not in the weights manifest, so it names no repo; pass --repo-id ORG/NAME.')
+        repo_id = expected
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise ValueError(f"--repo-id must be 'ORG/NAME', got {repo_id!r}.")
+    if expected is not None and not other_repo:
+        if repo_id != expected:
+            raise ValueError(f"{name} downloads from {expected} (its manifest entry's hf_hub.repo_id), so "
+                             f"timm.create_model('{name}', pretrained=True) would not find an upload to {repo_id}. "
+                             f'Leave out --repo-id to upload to {expected}, or pass --other-repo to upload a copy '
+                             f'elsewhere on purpose.')
+        if weights.sha256 and weights.sha256 != sha256:
+            raise ValueError(f"{name}'s manifest entry expects sha256 {weights.sha256}, but this model.safetensors has "
+                             f'{sha256}: loading it would fail the checksum. Paste the entry that convert printed into '
+                             f'{weights.source_file} first, or pass --other-repo to upload a copy elsewhere.')
     files = tuple((f, (folder / f).stat().st_size) for f in OUTPUT_FILES)
     return PublishPlan(repo_id=repo_id, folder=folder, files=files, name=name, sha256=sha256)
 
@@ -59,7 +87,8 @@ def plan_upload(folder: os.PathLike, *, repo_id: str) -> PublishPlan:
 def publish_folder(
         folder: os.PathLike,
         *,
-        repo_id: str,
+        repo_id: Optional[str] = None,
+        other_repo: bool = False,
         dry_run: bool = False,
         private: bool = False,
         token: Optional[str] = None,
@@ -67,18 +96,27 @@ def publish_folder(
 ) -> Tuple[PublishPlan, Optional[str]]:
     """Uploads a converted folder to the model repo ``repo_id`` (created if needed).
 
+    Args:
+        folder: A folder written by ``robust-resnets convert``.
+        repo_id: The target model repo; by default the one the folder's manifest entry downloads from.
+        other_repo: Allow a ``repo_id`` other than the manifest's (e.g. a staging copy).
+        dry_run: Check and list only; send nothing.
+        private: Create the repo as private.
+        token: A Hugging Face token (default: the login or ``HF_TOKEN``).
+        commit_message: The commit message (default names the entry and the file's sha256).
+
     Returns:
         The plan and the commit URL (None for a dry run).
     """
-    plan = plan_upload(folder, repo_id=repo_id)
+    plan = plan_upload(folder, repo_id=repo_id, other_repo=other_repo)
     if dry_run:
         return plan, None
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True)
+    api.create_repo(plan.repo_id, repo_type='model', private=private, exist_ok=True)
     info = api.upload_folder(
-        folder_path=str(plan.folder), repo_id=repo_id, repo_type='model',
+        folder_path=str(plan.folder), repo_id=plan.repo_id, repo_type='model',
         allow_patterns=[name for name, _ in plan.files],
         commit_message=commit_message or f'Add {plan.name} (model.safetensors sha256 {plan.sha256})',
     )
