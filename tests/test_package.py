@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from robust_resnets.cli import main
@@ -72,7 +73,6 @@ def test_hub_load_from_github_style_zip(tmp_path):
         listed = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
                                 capture_output=True, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
-        import pytest
         pytest.skip('needs a git checkout of the project')
     archive = tmp_path / 'repo.zip'
     with zipfile.ZipFile(archive, 'w') as zf:
@@ -92,7 +92,7 @@ def test_hub_load_from_github_style_zip(tmp_path):
             zf.extractall(tmp_path)
     repo = tmp_path / 'repo-main'
     assert (repo / 'robust_resnets/weights/manifest_data').is_file()  # what torch.hub leaves
-    code = ('import sys, torch, timm; '
+    code = ('import torch, timm; '
             f"m = torch.hub.load({str(repo)!r}, 'robust_resnet_a0', source='local', num_classes=3); "
             "import robust_resnets; print(robust_resnets.__file__); print(len(timm.list_pretrained('robust_resnet_a0*')))")
     out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=300)

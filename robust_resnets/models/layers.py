@@ -157,9 +157,8 @@ def strip_checkpoint_wrappers(state_dict: Dict[str, Any]) -> Dict[str, torch.Ten
         raise ValueError(f"The checkpoint holds both trained weights ({trained[0]!r}) and their moving average "
                          f"({ema[0]!r}), so which to load is ambiguous. Pick one: `robust-resnets convert CHECKPOINT "
                          f"--to NAME --key {ema[0]}` (or --key {trained[0]}), or pass checkpoint[{ema[0]!r}] itself.")
-    for key in trained + ema:
-        state_dict = state_dict[key]
-        break
+    if trained or ema:
+        state_dict = state_dict[(trained + ema)[0]]
     out = {}
     for k, v in state_dict.items():
         if not torch.is_tensor(v):

@@ -131,7 +131,9 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
     args = dict(weights.model_args)
     if kwargs.get('in_chans', weights.input_size[0]) != weights.input_size[0]:
         # the checkpoint's per-channel input statistics cannot fit another channel count: the caller's apply
-        args = {k: v for k, v in args.items() if k not in ('input_mean', 'input_std') or k not in kwargs}
+        for k in ('input_mean', 'input_std'):
+            if k in kwargs:
+                args.pop(k, None)
     kwargs.update(args)
     if not pretrained:
         return kwargs
