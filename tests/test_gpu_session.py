@@ -91,6 +91,28 @@ def test_eval_builds_a_trained_run_from_its_config_json(tmp_path):
         load_model('wrn_22_5', dataset='cifar10', checkpoint=tmp_path / 'model.safetensors')
 
 
+def test_eval_loads_the_ema_of_a_training_state_by_key(tmp_path):
+    """A trainer's last.pt holds the trained weights and their EMA: eval asks which one (--key) and loads it."""
+    import timm
+
+    import robust_resnets  # noqa: F401
+    from robust_resnets.cli import main
+    from robust_resnets.evaluation.sources import load_model
+    torch.manual_seed(0)
+    trained, ema = timm.create_model('wrn_22_5', **TINY), timm.create_model('wrn_22_5', **TINY)
+    torch.save({'state_dict': trained.state_dict(), 'state_dict_ema': ema.state_dict(), 'epoch': 3},
+               tmp_path / 'last.pt')
+    (tmp_path / 'config.json').write_text(json.dumps({'architecture': 'wrn_22_5', 'model_args': TINY}))
+    x = torch.rand(2, 3, 32, 32)
+    for key, expected in (('state_dict_ema', ema), ('state_dict', trained)):
+        loaded = load_model('wrn_22_5', dataset='cifar10', checkpoint=tmp_path / 'last.pt', checkpoint_key=key)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), expected.eval()(x))
+    with pytest.raises(ValueError, match="no state dict under 'ema'"):
+        load_model('wrn_22_5', dataset='cifar10', checkpoint=tmp_path / 'last.pt', checkpoint_key='ema')
+    assert main(['eval', 'wrn_22_5', '--key', 'state_dict_ema', '--random-init']) == 1  # --key without --checkpoint
+
+
 @pytest.mark.skipif(not (DATA / 'cifar10-jpeg.tar.gz').is_file(), reason='no ../shared/data/cifar10-jpeg.tar.gz')
 @pytest.mark.skipif(shutil.which('bash') is None or shutil.which('timeout') is None, reason='needs bash and timeout')
 def test_smoke_setup_speed_collect(tmp_path):

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--imagenet-subset', default='robustbench', choices=('robustbench', 'all'),
                         help="ImageNet: RobustBench's 5,000 images, or all images found")
     parser.add_argument('--checkpoint', default=None, help='local .safetensors/.pt weights instead of the published')
+    parser.add_argument('--key', default=None, help="with --checkpoint: the entry of a training-state dict to load "
+                                                   "(e.g. state_dict_ema); default: the trained weights")
     parser.add_argument('--random-init', action='store_true', help='evaluate the randomly initialised model (tests)')
     parser.add_argument('--robustbench-id', default=None, help="RobustBench's name for the model, for its reported "
                                                                 'numbers (found automatically for known models)')
@@ -95,11 +97,13 @@ def run(args: argparse.Namespace) -> int:
     step_size = parse_eps(args.step_size) if args.step_size is not None else None
     if args.checkpoint is not None and args.random_init:
         raise ValueError('--checkpoint and --random-init exclude each other.')
+    if args.key is not None and args.checkpoint is None:
+        raise ValueError('--key names an entry of a --checkpoint file; pass --checkpoint FILE too, or drop --key.')
     _check_out(args.out, overwrite=args.overwrite)
 
     torch.manual_seed(args.seed)  # makes --random-init weights repeatable
-    model = load_model(args.model, dataset=args.dataset, checkpoint=args.checkpoint, random_init=args.random_init,
-                       device=device)
+    model = load_model(args.model, dataset=args.dataset, checkpoint=args.checkpoint, checkpoint_key=args.key,
+                       random_init=args.random_init, device=device)
     images, labels, preprocessing = load_dataset(args.dataset, data_dir=args.data_dir, n_examples=args.n_examples,
                                                  model=model, imagenet_subset=args.imagenet_subset,
                                                  download=args.download)

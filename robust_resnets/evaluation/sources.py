@@ -23,8 +23,8 @@ def weights_entry(name: str):
     return get_manifest().get(name)
 
 
-def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = None, random_init: bool = False,
-               device: Union[str, torch.device] = 'cpu') -> nn.Module:
+def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = None,
+               checkpoint_key: Optional[str] = None, random_init: bool = False, device: Union[str, torch.device] = 'cpu') -> nn.Module:
     """Builds a timm model in eval mode with its weights.
 
     Args:
@@ -32,6 +32,8 @@ def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = 
         dataset: Dataset it is evaluated on; sets the classifier size of a model built without a tag.
         checkpoint: Local safetensors/.pt file (ours or an author's layout, mapped by the family's
             ``checkpoint_filter_fn``), instead of the published weights.
+        checkpoint_key: The entry of a training-state ``checkpoint`` to load (e.g. ``'state_dict_ema'``);
+            None loads its trained weights.
         random_init: Keep the random initialisation (for testing a pipeline).
         device: Where the model goes.
 
@@ -68,7 +70,7 @@ def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = 
         model = timm.create_model(name if entry is not None else arch, pretrained=False, num_classes=num_classes,
                                   **kwargs)
         if checkpoint is not None:
-            _load_checkpoint(model, arch, Path(checkpoint))
+            _load_checkpoint(model, arch, Path(checkpoint), key=checkpoint_key)
     else:
         try:
             cfg = timm.models.get_pretrained_cfg(name)
@@ -104,10 +106,10 @@ def _beside_model_args(checkpoint: Path, arch: str) -> Dict[str, Any]:
     return {k: v for k, v in args.items() if k != 'num_classes'}  # the class count is the dataset's
 
 
-def _load_checkpoint(model: nn.Module, arch: str, path: Path) -> None:
+def _load_checkpoint(model: nn.Module, arch: str, path: Path, *, key: Optional[str] = None) -> None:
     from robust_resnets.weights.convert import family_module, load_original_checkpoint
 
-    raw = load_original_checkpoint(path)
+    raw = load_original_checkpoint(path, key=key)
     try:
         filter_fn = family_module(arch).checkpoint_filter_fn
     except ValueError:  # a plain timm model: its own state dict layout
