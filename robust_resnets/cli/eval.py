@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                        random_init=args.random_init, device=device)
     images, labels, preprocessing = load_dataset(args.dataset, data_dir=args.data_dir, n_examples=args.n_examples,
                                                  model=model, imagenet_subset=args.imagenet_subset,
-                                                 download=args.download)
+                                                 download=args.download, progress=not args.quiet)
     state = args.state or (f'{args.out}.state.json' if args.out else None)
     result = evaluate(model, images, labels, attacks=args.attacks, eps=eps, norm=norm, step_size=step_size,
                       batch_size=args.batch_size, device=device, seed=args.seed, state_path=state,

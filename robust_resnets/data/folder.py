@@ -36,29 +36,33 @@ def _is_image(name: str) -> bool:
 def list_image_folder(root: PathLike, *, subdir: Optional[str] = None) -> List[Tuple[str, str]]:
     """Lists ``(class name, image path)`` pairs under ``root[/subdir]/<class>/``, sorted by class then file.
 
-    ``root`` is a directory or a .tar(.gz) archive; archive paths are member names.
+    Args:
+        root: A directory or a .tar(.gz) archive; archive paths are member names.
+        subdir: Folder inside ``root`` holding the class folders (e.g. 'test', 'val').
 
     Raises:
         FileNotFoundError: ``root`` (or ``subdir`` in it) does not exist.
-        ValueError: No ``<class>/<image>`` files are there.
+        ValueError: No ``<class>/<image>`` files are there, or a class folder holds no images (it would
+            shift the labels of the classes after it).
     """
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f'Dataset path {root} does not exist. Point --data-dir at the dataset folder '
                                 f'or archive.')
     items: List[Tuple[str, str]] = []
+    class_folders = set()
     if is_archive(root):
         prefix = PurePosixPath(subdir) if subdir else None
         with tarfile.open(root) as tar:
             for member in tar:
-                if not member.isfile() or not _is_image(member.name):
-                    continue
                 path = PurePosixPath(member.name.removeprefix('./'))
                 if prefix is not None:
                     if not path.is_relative_to(prefix):
                         continue
                     path = path.relative_to(prefix)
-                if len(path.parts) == 2:
+                if member.isdir() and len(path.parts) == 1:
+                    class_folders.add(path.parts[0])
+                elif member.isfile() and _is_image(member.name) and len(path.parts) == 2:
                     items.append((path.parts[0], member.name))
         where = f'{root}' + (f' (under {subdir}/)' if subdir else '')
     else:
@@ -67,27 +71,45 @@ def list_image_folder(root: PathLike, *, subdir: Optional[str] = None) -> List[T
             raise FileNotFoundError(f'Expected a folder {base} with one sub-folder per class, but it does not exist.')
         for class_dir in base.iterdir():
             if class_dir.is_dir():
+                class_folders.add(class_dir.name)
                 items.extend((class_dir.name, str(f)) for f in class_dir.iterdir() if f.is_file() and _is_image(f.name))
         where = str(base)
     if not items:
         raise ValueError(f'No images found in {where}: expected <class>/<image>{IMAGE_EXTENSIONS[0]} files '
                          f'(an ImageFolder layout).')
+    empty = sorted(class_folders - {c for c, _ in items})
+    if empty:
+        raise ValueError(f'Class folders {empty[:5]} in {where} hold no images, which would shift the labels of the '
+                         f'classes after them. Add their images, or remove the empty folders.')
     return sorted(items)
 
 
-def _open_rgb(data: Union[bytes, str], transform: Optional[Transform]) -> np.ndarray:
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-        img = img.convert('RGB')
-        if transform is not None:
-            img = transform(img)
-        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+def _open_rgb(data: Union[bytes, str], transform: Optional[Transform], *, name: str, root: PathLike) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            img = img.convert('RGB')
+            if transform is not None:
+                img = transform(img)
+            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated or unidentified image, bad header
+        where = f'{name} in {root}' if is_archive(root) else name
+        raise ValueError(f'Cannot decode the image {where} ({e}). The file is damaged or not an image: extract or '
+                         f'download the dataset again, or remove that file.') from e
 
 
 def read_images(root: PathLike, paths: Sequence[str], *, transform: Optional[Transform] = None,
                 progress: bool = False) -> Tensor:
-    """Decodes images (directory paths or archive member names) into a uint8 N x 3 x H x W tensor.
+    """Decodes images into a uint8 N x 3 x H x W tensor, in the order of ``paths``.
 
-    ``transform`` maps each RGB PIL image to another PIL image of a common size (e.g. resize and crop).
+    Args:
+        root: The directory or .tar(.gz) archive the paths belong to.
+        paths: Image file paths (directory) or member names (archive), e.g. from :func:`list_image_folder`.
+        transform: Maps each RGB PIL image to a PIL image of a size common to all (e.g. resize and crop).
+        progress: Show a progress bar.
+
+    Raises:
+        FileNotFoundError: An archive lacks some of ``paths``.
+        ValueError: An image cannot be decoded, or the images differ in size.
     """
     from tqdm.auto import tqdm
 
@@ -99,11 +121,11 @@ def read_images(root: PathLike, paths: Sequence[str], *, transform: Optional[Tra
             for member in tar:
                 i = wanted.get(member.name)
                 if i is not None:
-                    arrays[i] = _open_rgb(tar.extractfile(member).read(), transform)
+                    arrays[i] = _open_rgb(tar.extractfile(member).read(), transform, name=member.name, root=root)
                     bar.update()
     else:
         for p, i in wanted.items():
-            arrays[i] = _open_rgb(p, transform)
+            arrays[i] = _open_rgb(p, transform, name=p, root=root)
             bar.update()
     bar.close()
     missing = [p for p, a in zip(paths, arrays) if a is None]
@@ -146,6 +168,11 @@ def load_image_folder(
         transform: PIL image -> PIL image, applied to every image (all outputs must share one size).
         interleave: Return images in :func:`interleave_classes` order instead of class by class.
         progress: Show a progress bar while decoding.
+
+    Raises:
+        FileNotFoundError: ``root`` (or ``subdir`` in it) does not exist.
+        ValueError: No images, an empty class folder, a class folder not in ``classes``, an image that cannot
+            be decoded, or images of different sizes (without a ``transform``).
     """
     items = list_image_folder(root, subdir=subdir)
     found = sorted({c for c, _ in items})

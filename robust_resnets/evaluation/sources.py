@@ -123,23 +123,27 @@ def _load_checkpoint(model: nn.Module, arch: str, path: Path, *, key: Optional[s
 
 def load_dataset(dataset: str, *, data_dir: Union[str, Path], n_examples: Optional[int] = None,
                  model: Optional[nn.Module] = None, imagenet_subset: str = 'robustbench',
-                 resolution: Optional[int] = None, download: bool = False) -> Tuple[Tensor, Tensor, Optional[Dict[str, Any]]]:
+                 resolution: Optional[int] = None, download: bool = False,
+                 progress: bool = True) -> Tuple[Tensor, Tensor, Optional[Dict[str, Any]]]:
     """Returns ``(uint8 images, labels, preprocessing settings or None)``: the first ``n_examples`` test images.
 
     ImageNet images are preprocessed as the model's pretrained cfg says (input size, crop_pct,
-    interpolation), RobustBench's way; ``resolution`` overrides the input size.
+    interpolation), RobustBench's way (without a cfg: its default ``Res256Crop224``); ``resolution``
+    overrides the input size. ``progress`` shows a bar while images are decoded.
     """
     from robust_resnets.data import load_cifar_tensors, load_imagenet_tensors
 
     if n_examples is not None and n_examples < 1:
         raise ValueError(f'n_examples must be positive, got {n_examples}.')
     if dataset in ('cifar10', 'cifar100'):
-        images, labels = load_cifar_tensors(root=data_dir, dataset=dataset, split='test', download=download)
+        images, labels = load_cifar_tensors(root=data_dir, dataset=dataset, split='test', download=download,
+                                            progress=progress)
         return images[:n_examples], labels[:n_examples], None
     if dataset == 'imagenet':
         cfg = getattr(model, 'pretrained_cfg', None) or {}
-        prep = {'resolution': int(resolution or cfg.get('input_size', (3, 224, 224))[-1]), 'crop_pct': float(cfg.get('crop_pct', 0.875)),
-                'interpolation': str(cfg.get('interpolation', 'bicubic')), 'subset': imagenet_subset}
-        images, labels = load_imagenet_tensors(root=data_dir, n_examples=n_examples or 5000, **prep)
+        prep = {'resolution': int(resolution or cfg.get('input_size', (3, 224, 224))[-1]),
+                'crop_pct': float(cfg.get('crop_pct', 0.875)), 'interpolation': str(cfg.get('interpolation', 'bilinear')),
+                'subset': imagenet_subset}
+        images, labels = load_imagenet_tensors(root=data_dir, n_examples=n_examples or 5000, progress=progress, **prep)
         return images, labels, prep
     raise ValueError(f"Unknown dataset '{dataset}'; use one of {sorted(DATASETS)}.")

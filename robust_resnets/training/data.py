@@ -24,10 +24,8 @@ from torch import Tensor
 
 from .config import DataConfig, EvalConfig
 
-__all__ = ['TrainingData', 'BatchPlan', 'load_training_data', 'load_generated', 'augment', 'derive_seed',
-           'seeded_global_rngs', 'NUM_CLASSES']
-
-NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
+__all__ = ['TrainingData', 'BatchPlan', 'StepBatch', 'load_training_data', 'load_generated', 'holdout_split',
+           'augment', 'gather_batch', 'derive_seed', 'seeded_global_rngs']
 
 # stream tags for derive_seed
 _PERM, _STEP, _HOLDOUT, _EVAL = 1, 2, 3, 4
@@ -130,30 +128,38 @@ def load_generated(path: str | Path) -> Tuple[Tensor, Tensor]:
     return torch.from_numpy(images), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
 
 
+def holdout_split(n: int, data_cfg: DataConfig, eval_cfg: EvalConfig) -> Tuple[Tensor, Tensor]:
+    """``(held-out indices, training indices)`` of ``n`` training images: ``data.holdout`` of them, a fixed
+    random subset independent of the run's seed, and at most ``data.train_subset`` of the rest.
+
+    Raises:
+        ValueError: ``eval.split`` is 'holdout' but ``data.holdout`` is 0.
+    """
+    if eval_cfg.split == 'holdout' and data_cfg.holdout == 0:
+        raise ValueError("eval.split is 'holdout' but data.holdout is 0; hold out some training images "
+                         "(e.g. --set data.holdout=1000) or use --set eval.split=test.")
+    perm = torch.randperm(n, generator=_generator(_HOLDOUT))
+    hold, rest = perm[:data_cfg.holdout], perm[data_cfg.holdout:]
+    return hold, rest if data_cfg.train_subset is None else rest[:data_cfg.train_subset]
+
+
 def load_training_data(data_cfg: DataConfig, eval_cfg: EvalConfig) -> TrainingData:
     """Loads CIFAR as tensors, holds out ``data.holdout`` training images (a fixed random subset) and
     loads the generated data, as the config says."""
-    from robust_resnets.data.cifar import load_cifar_tensors
+    from robust_resnets.data.cifar import CIFAR_DATASETS, load_cifar_tensors
 
     if not data_cfg.root:
         raise ValueError("data.root is not set: point it at CIFAR, e.g. --set data.root=DATA/"
                          "cifar10-jpeg.tar.gz (or a folder with torchvision's CIFAR files).")
     images, labels = load_cifar_tensors(root=data_cfg.root, dataset=data_cfg.dataset, split='train')
-    # a fixed permutation, independent of the run's seed: the held-out split never changes
-    perm = torch.randperm(images.shape[0], generator=_generator(_HOLDOUT))
-    hold, rest = perm[:data_cfg.holdout], perm[data_cfg.holdout:]
-    if data_cfg.train_subset is not None:
-        rest = rest[:data_cfg.train_subset]
+    hold, rest = holdout_split(images.shape[0], data_cfg, eval_cfg)
     if eval_cfg.split == 'test':
         eval_images, eval_labels = load_cifar_tensors(root=data_cfg.root, dataset=data_cfg.dataset, split='test')
     else:
-        if data_cfg.holdout == 0:
-            raise ValueError("eval.split is 'holdout' but data.holdout is 0; hold out some training images "
-                             "(e.g. --set data.holdout=1024) or use --set eval.split=test.")
         eval_images, eval_labels = images[hold], labels[hold]
     generated = load_generated(data_cfg.generated) if data_cfg.generated else (None, None)
     return TrainingData(images[rest].contiguous(), labels[rest].contiguous(), eval_images, eval_labels,
-                        NUM_CLASSES[data_cfg.dataset], *generated)
+                        CIFAR_DATASETS[data_cfg.dataset][0], *generated)
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from .config import DataConfig, EvalConfig
-from .data import _HOLDOUT, BatchPlan, _generator, derive_seed, seeded_global_rngs
+from .data import BatchPlan, derive_seed, holdout_split, seeded_global_rngs
 
 __all__ = ['ImageFolderTrainingData', 'load_imagenet_training_data', 'imagenet_train_transform', 'ImageNetBatches']
 
@@ -51,7 +51,7 @@ def load_imagenet_training_data(data_cfg: DataConfig, eval_cfg: EvalConfig) -> I
     training images, or the first ``eval.max_examples`` class-interleaved images of ``root/val``) with
     the evaluation preprocessing (resize to ``image_size / 0.875``, centre crop)."""
     from robust_resnets.data.folder import is_archive, list_image_folder, read_images
-    from robust_resnets.data.imagenet import imagenet_transform, imagenet_wnids, load_imagenet_tensors
+    from robust_resnets.data.imagenet import imagenet_transform, load_imagenet_tensors, wnid_labels
 
     if not data_cfg.root:
         raise ValueError("data.root is not set: point it at an ImageNet folder holding train/<wnid>/ and "
@@ -61,18 +61,9 @@ def load_imagenet_training_data(data_cfg: DataConfig, eval_cfg: EvalConfig) -> I
         raise ValueError(f"data.root '{root}' is an archive; training reads images at random, so extract it first "
                          f"(tar xf {root.name}) and point data.root at the folder.")
     items = list_image_folder(root, subdir='train')
-    index = {w: i for i, w in enumerate(imagenet_wnids())}
-    unknown = sorted({c for c, _ in items if c not in index})
-    if unknown:
-        raise ValueError(f"{root / 'train'} has class folders that are not ImageNet-1k WordNet ids, e.g. "
-                         f"{unknown[:3]}; expected train/<wnid>/<image>.")
     paths = [p for _, p in items]
-    labels = torch.tensor([index[c] for c, _ in items], dtype=torch.int64)
-    # a fixed permutation, independent of the run's seed: the held-out split never changes
-    perm = torch.randperm(len(paths), generator=_generator(_HOLDOUT))
-    hold, rest = perm[:data_cfg.holdout], perm[data_cfg.holdout:]
-    if data_cfg.train_subset is not None:
-        rest = rest[:data_cfg.train_subset]
+    labels = torch.tensor(wnid_labels(items, where=str(root / 'train')), dtype=torch.int64)
+    hold, rest = holdout_split(len(paths), data_cfg, eval_cfg)
     n_eval = eval_cfg.max_examples
     if eval_cfg.split == 'test':
         if not (root / 'val').is_dir():
@@ -83,15 +74,12 @@ def load_imagenet_training_data(data_cfg: DataConfig, eval_cfg: EvalConfig) -> I
                                                          resolution=data_cfg.image_size,
                                                          interpolation=data_cfg.interpolation, progress=False)
     else:
-        if data_cfg.holdout == 0:
-            raise ValueError("eval.split is 'holdout' but data.holdout is 0; hold out some training images "
-                             "(e.g. --set data.holdout=1000) or use --set eval.split=test.")
         hold = hold[:n_eval]
         transform = imagenet_transform(resolution=data_cfg.image_size, interpolation=data_cfg.interpolation)
         eval_images = read_images(root, [paths[i] for i in hold.tolist()], transform=transform)
         eval_labels = labels[hold]
     return ImageFolderTrainingData([paths[i] for i in rest.tolist()], labels[rest].contiguous(), eval_images,
-                                   eval_labels, len(index))
+                                   eval_labels, 1000)
 
 
 def posterize_keeping_any_bits(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:

@@ -487,7 +487,13 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
     hyper = _hyper(cfg, objective)
 
     if data is None:
-        data = _load_data(cfg)
+        if d.enabled and not d.main:
+            dist.barrier()  # rank 0 decodes the images and fills the cache first; the others read the cache
+        try:
+            data = _load_data(cfg)
+        finally:  # on an error too: the others then meet it themselves
+            if d.enabled and d.main:
+                dist.barrier()
     from_files = isinstance(data, ImageFolderTrainingData)
     if from_files != (cfg.data.dataset == 'imagenet'):
         raise ValueError(f"data.dataset is '{cfg.data.dataset}' but the data given are "
