@@ -57,9 +57,11 @@ if [[ $SMOKE == 1 ]]; then
 else
   RUNS=${GPU_SESSION_RUNS:-.runs}
   RESULTS=${GPU_SESSION_RESULTS:-benchmarks/results/gpu}
-  # carried paths are replaced at every call, which would drop the decoded cache beside the archive: setup copies
-  # the carried archive into the runs folder, which a warm machine keeps
+  # carried paths are replaced at every call (a new file, a new modification time: the decoded cache would be
+  # rebuilt): setup copies the carried archive once into the runs folder, which a warm machine keeps, and the
+  # decoded cache lives there too
   DATA=${GPU_SESSION_DATA:-$RUNS/data/cifar10-jpeg.tar.gz}
+  export ROBUST_RESNETS_CACHE=${ROBUST_RESNETS_CACHE:-$RUNS/cache}
   DEVICE=cuda
   KW='{}'
   TRAIN_SETS=()
@@ -145,7 +147,7 @@ stage_setup() {
       --format=csv || true
   fi
   need_data
-  # the trainer and the evaluation read the .tar.gz directly; this decodes it once into the .npz cache beside it
+  # the trainer and the evaluation read the .tar.gz directly; this decodes it once into the cache
   helper environment --data "$DATA" --out "$STATE/setup.json" 2>>"$LOGS/setup.log"
   stamp "$STATE/setup.json"
   "$PY" -c 'import robust_resnets.evaluation.robustbench_adapter as a; a.install(); import robustbench.eval' \
