@@ -129,6 +129,32 @@ def test_augment_crops_flips_and_rotates_like_torchvision():
 
 
 # --- optimiser, schedule, weight averaging ------------------------------------------------------------
+def test_generated_data_must_fit_the_training_set(tmp_path):
+    """Extra images are refused when their labels do not pair with them, or do not fit the dataset."""
+    import numpy as np
+    from PIL import Image
+
+    from robust_resnets.training.data import load_generated, load_training_data
+    for c in ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'):
+        (tmp_path / 'c10' / 'train' / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / 'c10' / 'train' / c / '0.png')
+    cfg = _cfg(data={'root': str(tmp_path / 'c10'), 'holdout': 2, 'generated': str(tmp_path / 'gen.npz'),
+                     'generated_fraction': 0.5}, eval={'split': 'holdout'})
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    np.savez(tmp_path / 'gen.npz', image=images, label=np.arange(3))
+    with pytest.raises(ValueError, match='labels must be 4 integers, one per image'):
+        load_generated(tmp_path / 'gen.npz')
+    np.savez(tmp_path / 'gen.npz', image=images, label=np.array([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match='are not all in 0..9'):
+        load_training_data(cfg.data, cfg.eval)
+    np.savez(tmp_path / 'gen.npz', image=np.zeros((4, 28, 28, 3), np.uint8), label=np.arange(4))
+    with pytest.raises(ValueError, match=r'its images are \(28, 28\) pixels \(training images \(32, 32\)\)'):
+        load_training_data(cfg.data, cfg.eval)
+    np.savez(tmp_path / 'gen.npz', image=images, label=np.arange(4))
+    data = load_training_data(cfg.data, cfg.eval)
+    assert data.generated_images.shape == (4, 32, 32, 3) and data.train_images.shape[0] == 8
+
+
 def _tiny_model():
     import timm
 

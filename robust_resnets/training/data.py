@@ -125,7 +125,11 @@ def load_generated(path: str | Path) -> Tuple[Tensor, Tensor]:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"'{path}': images must be uint8 N x H x W x 3, got {images.dtype} {images.shape}.")
-    return torch.from_numpy(images), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    labels = np.asarray(labels)
+    if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"'{path}': labels must be {images.shape[0]} integers, one per image, got {labels.dtype} "
+                         f"{labels.shape}.")
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
 def holdout_split(n: int, data_cfg: DataConfig, eval_cfg: EvalConfig) -> Tuple[Tensor, Tensor]:
@@ -158,8 +162,16 @@ def load_training_data(data_cfg: DataConfig, eval_cfg: EvalConfig) -> TrainingDa
     else:
         eval_images, eval_labels = images[hold], labels[hold]
     generated = load_generated(data_cfg.generated) if data_cfg.generated else (None, None)
+    num_classes = CIFAR_DATASETS[data_cfg.dataset][0]
+    if generated[0] is not None:
+        size, labels_ok = tuple(generated[0].shape[1:3]), bool(((generated[1] >= 0) & (generated[1] < num_classes)).all())
+        if size != tuple(images.shape[2:]) or not labels_ok:
+            raise ValueError(f"'{data_cfg.generated}' does not fit {data_cfg.dataset}: its images are {size} pixels "
+                             f"(training images {tuple(images.shape[2:])}) and its labels "
+                             f"{'are' if labels_ok else 'are not all'} in 0..{num_classes - 1}. Check data.generated "
+                             f"and data.dataset.")
     return TrainingData(images[rest].contiguous(), labels[rest].contiguous(), eval_images, eval_labels,
-                        CIFAR_DATASETS[data_cfg.dataset][0], *generated)
+                        num_classes, *generated)
 
 
 @dataclasses.dataclass
