@@ -1,127 +1,221 @@
 """``python -m benchmarks accuracy``: the papers' accuracy columns, printed vs measured.
 
-Reads every table in ``benchmarks/tables/*.yaml``, finds each row's released weights (the weights
-manifest entry ``<model>.<dataset>_<method>``, or the row's ``weights`` field), evaluates the rows whose
-weights are available (published on the Hub, shipped in the package, or ``<weights-dir>/<name>.safetensors``) with
-:func:`robust_resnets.evaluation.evaluate`, and prints paper vs measured with the difference. Rows
-without weights say so. Meant for a GPU; its running time is not measured yet (no weights are
-published so far). ``--n-examples`` shortens a run; ``--list`` only prints the rows and their weights.
+Every row of ``benchmarks/tables/*.yaml`` with printed accuracies and a ``weights:`` field (a weights manifest
+name) is evaluated with :func:`robust_resnets.evaluation.evaluate` when its weights are available: published
+on the Hub, shipped in the package, or ``<weights-dir>/<name>.safetensors``. Rows that refer to the same
+weights with the same evaluation (dataset, resolution, threat model, eps, number of test images) share one
+evaluation and are each compared against it, e.g. a README row and the RobustBench row of one checkpoint.
+
+A printed accuracy counts as reproduced when the measured one is within the tolerance of :func:`tolerance_pp`:
+``--tolerance`` percentage points (default 0.5) on the paper's full test set, widened by two standard errors
+of the subset's accuracy when ``--n-examples`` evaluates fewer images. A row that cannot be evaluated (no
+weights, no data folder given, a file that does not load) gets a one-line reason; the others still run.
+``--list`` prints the evaluations the run would do.
 """
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-import yaml
+from benchmarks.complexity import ACCURACY_COLUMNS, TableError, load_tables
 
-TABLES_DIR = Path(__file__).resolve().parent / 'tables'
-#: paper column -> our attack name
-COLUMNS = {'clean': 'clean', 'pgd20': 'pgd20', 'cw40': 'cw40', 'aa': 'aa', 'autoattack': 'aa'}
+#: default half-width, in percentage points, of "reproduced" on the full test set
+TOLERANCE_PP = 0.5
 
 
-def load_rows(tables_dir: Path = TABLES_DIR) -> List[Dict[str, Any]]:
-    """Every table row with printed accuracies, normalised to: table, label, model, dataset, method, eps, printed."""
-    rows: List[Dict[str, Any]] = []
-    for path in sorted(tables_dir.glob('*.yaml')):
-        doc = yaml.safe_load(path.read_text()) or {}
-        tables = doc.get('tables') or [dict(doc, id=path.stem, rows=doc.get('rows', []))]
-        for table in tables:
-            for i, row in enumerate(table.get('rows', [])):
-                printed = {COLUMNS[k]: float(v) for k, v in {**row.get('printed', {}), **row}.items()
-                           if k in COLUMNS and isinstance(v, (int, float))}
-                if not printed:
-                    continue
-                rows.append({
-                    'table': table['id'], 'label': row.get('label') or row.get('name') or f'row {i}',
-                    'model': row.get('model'), 'model_args': row.get('model_args') or {},
-                    'dataset': row.get('dataset', table.get('dataset', doc.get('dataset'))),
-                    'method': str(row.get('method', table.get('method', doc.get('method', '')))),
-                    'eps': row.get('eps', table.get('eps', doc.get('eps'))),
-                    'resolution': row.get('resolution'), 'weights': row.get('weights'), 'printed': printed,
-                })
+def accuracy_rows(tables: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The rows of ``tables`` that print accuracies, each with the evaluation settings of its table.
+
+    Args:
+        tables: Tables from :func:`benchmarks.complexity.load_tables`.
+
+    Returns:
+        One dict per row: ``table``, ``label``, ``weights`` (manifest name or None), ``dataset``,
+        ``threat_model``, ``eps``, ``n_examples``, ``resolution``, ``crop_pct``, ``interpolation`` and
+        ``printed`` (accuracy columns only, in percent).
+    """
+    rows = []
+    for table in tables:
+        ev = table['evaluation']
+        for row in table['rows']:
+            printed = {c: float(v) for c, v in row['printed'].items() if c in ACCURACY_COLUMNS}
+            if not printed:
+                continue
+            rows.append({'table': table['id'], 'label': row['label'], 'weights': row['weights'],
+                         'dataset': table['dataset'], 'threat_model': table['threat_model'], 'eps': str(table['eps']),
+                         'n_examples': ev['n_examples'], 'resolution': row.get('resolution', ev.get('resolution')),
+                         'crop_pct': ev.get('crop_pct'), 'interpolation': ev.get('interpolation'),
+                         'printed': printed})
     return rows
 
 
-def find_weights(row: Dict[str, Any], weights_dir: Optional[Path]) -> Dict[str, Any]:
-    """{'name': manifest name or None, 'file': local file or None, 'available': bool, 'why': reason if not}."""
-    from robust_resnets.weights import entries_for_architecture
+def evaluation_key(row: Dict[str, Any], *, n_examples: Optional[int] = None) -> Tuple[Any, ...]:
+    """What makes two rows' evaluations the same: weights, dataset, preprocessing, threat model, eps, images."""
+    return (row['weights'], row['dataset'], row['resolution'], row['crop_pct'], row['interpolation'],
+            row['threat_model'], row['eps'], min(n_examples or row['n_examples'], row['n_examples']))
 
-    if row['model_args']:
-        return {'name': None, 'file': None, 'available': False, 'why': 'configuration row (no released weights)'}
-    name = row['weights']
-    if name is None and row['model']:
-        method, eps = row['method'], row['eps']
-        found = [e for e in entries_for_architecture(row['model']) if e.dataset == row['dataset']
-                 and (not method or e.tag.endswith(f'_{method}')) and (eps is None or e.eps == str(eps))]
-        if len(found) == 1:
-            name = found[0].name
-    if name is None:
-        return {'name': None, 'file': None, 'available': False, 'why': 'no weights in the manifest'}
-    local = weights_dir / f'{name}.safetensors' if weights_dir is not None else None
-    if local is not None and local.is_file():
-        return {'name': name, 'file': local, 'available': True, 'why': None}
+
+def plan_evaluations(rows: List[Dict[str, Any]], *,
+                     n_examples: Optional[int] = None) -> Dict[Tuple[Any, ...], List[Dict[str, Any]]]:
+    """Groups the rows that have weights by :func:`evaluation_key`: one evaluation per group."""
+    groups: Dict[Tuple[Any, ...], List[Dict[str, Any]]] = {}
+    for row in rows:
+        if row['weights'] is not None:
+            groups.setdefault(evaluation_key(row, n_examples=n_examples), []).append(row)
+    return groups
+
+
+def tolerance_pp(*, printed: float, n_evaluated: int, n_full: int, base: float = TOLERANCE_PP) -> float:
+    """Largest |measured - printed| (percentage points) that still counts as reproduced.
+
+    Args:
+        printed: The paper's accuracy, in percent.
+        n_evaluated: Test images we evaluated (the first ones of the paper's test set).
+        n_full: Test images behind the printed figure.
+        base: Tolerance on the full test set.
+
+    Returns:
+        ``base`` plus two standard errors of the accuracy of ``n_evaluated`` images drawn from ``n_full``
+        (zero when all are evaluated).
+    """
+    p = min(max(printed / 100, 0.0), 1.0)
+    n = min(n_evaluated, n_full)
+    if n >= n_full or n_full < 2:
+        return base
+    return base + 2 * 100 * math.sqrt(p * (1 - p) / n * (n_full - n) / (n_full - 1))
+
+
+def find_weights(name: str, weights_dir: Optional[Path]) -> Dict[str, Any]:
+    """Where to load ``name`` from: ``{'file': local file or None, 'available': bool, 'why': reason if not}``."""
     from robust_resnets.weights import get_weights
 
-    weights = get_weights(name)
+    local = weights_dir / f'{name}.safetensors' if weights_dir is not None else None
+    if local is not None and local.is_file():
+        return {'file': local, 'available': True, 'why': None}
+    try:
+        weights = get_weights(name)
+    except KeyError as e:
+        return {'file': None, 'available': False, 'why': e.args[0]}
     if weights.published or weights.package_file:  # on the Hub, or shipped inside the package
-        return {'name': name, 'file': None, 'available': True, 'why': None}
-    return {'name': name, 'file': None, 'available': False, 'why': 'weights not published'}
+        return {'file': None, 'available': True, 'why': None}
+    where = f' and no {local}' if local is not None else ' (pass --weights-dir with <name>.safetensors)'
+    return {'file': None, 'available': False, 'why': f'weights not published{where}'}
 
 
-def _fmt(x: Optional[float]) -> str:
-    return '-' if x is None else f'{x:.2f}'
+def _evaluate_group(rows: List[Dict[str, Any]], weights: Dict[str, Any], args: argparse.Namespace,
+                    device: Any) -> Tuple[Any, Dict[str, float], int, Optional[Dict[str, Any]]]:
+    """Runs one evaluation: (result, accuracy per column in percent, images evaluated, preprocessing)."""
+    from robust_resnets.evaluation import evaluate
+    from robust_resnets.evaluation.results import parse_eps
+    from robust_resnets.evaluation.sources import load_dataset, load_model
+
+    first = rows[0]
+    data_dir = args.imagenet_dir if first['dataset'] == 'imagenet' else args.data_dir
+    n = min(args.n_examples or first['n_examples'], first['n_examples'])
+    model = load_model(first['weights'], dataset=first['dataset'], checkpoint=weights['file'], device=device)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    for key in ('crop_pct', 'interpolation'):
+        if first[key] is not None and cfg.get(key) != first[key]:
+            raise ValueError(f"{first['weights']} is preprocessed with {key}={cfg.get(key)!r}, but the paper "
+                             f"evaluated with {first[key]!r}; fix the manifest entry's {key} or the table's "
+                             f"evaluation.{key}")
+    images, labels, prep = load_dataset(first['dataset'], data_dir=data_dir, n_examples=n, model=model,
+                                        resolution=first['resolution'])
+    attacks = list(dict.fromkeys(['clean', *(c for r in rows for c in r['printed'])]))
+    result = evaluate(model, images, labels, attacks=attacks, eps=parse_eps(first['eps']),
+                      norm=first['threat_model'], batch_size=args.batch_size, device=device)
+    return result, {c: 100 * result.accuracy[c] for c in attacks}, len(labels), prep
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m benchmarks accuracy', description=__doc__.splitlines()[0])
     parser.add_argument('--tables', default='*', help='fnmatch filter on table ids (default: all)')
-    parser.add_argument('--data-dir', default='../shared/data', help='dataset folder (CIFAR) or ImageNet root')
-    parser.add_argument('--weights-dir', default=None, help='folder with <name>.safetensors files')
-    parser.add_argument('--n-examples', type=int, default=None, help='first N test images (default: all)')
+    parser.add_argument('--data-dir', default=None,
+                        help='CIFAR-10/100 folder (torchvision files, an ImageFolder or the .tar.gz); no default: '
+                             'CIFAR rows are skipped without it. A relative path is relative to the current folder')
+    parser.add_argument('--imagenet-dir', default=None,
+                        help='ImageNet root (val/<wnid>/*.JPEG or its archive); no default: ImageNet rows are '
+                             'skipped without it')
+    parser.add_argument('--weights-dir', type=Path, default=None, help='folder with <manifest name>.safetensors files')
+    parser.add_argument('--n-examples', type=int, default=None,
+                        help="first N test images (default: the paper's, 10000 on CIFAR, 5000 on ImageNet)")
+    parser.add_argument('--tolerance', type=float, default=TOLERANCE_PP,
+                        help=f'reproduced: |ours - paper| within this many points on the full test set, plus two '
+                             f'standard errors on fewer images (default {TOLERANCE_PP})')
     parser.add_argument('--batch-size', type=int, default=None)
     parser.add_argument('--device', default=None)
-    parser.add_argument('--out-dir', default=None, help='write one results JSON per evaluated row here')
-    parser.add_argument('--list', action='store_true', help='print rows and weight availability only')
+    parser.add_argument('--out-dir', type=Path, default=None, help='write one results JSON per evaluation here')
+    parser.add_argument('--list', action='store_true', help='print the evaluations the run would do, and stop')
     args = parser.parse_args(argv)
+    if args.n_examples is not None and args.n_examples < 1:
+        parser.error('--n-examples must be positive')
 
-    import torch
-
-    from robust_resnets.evaluation import evaluate
-    from robust_resnets.evaluation.results import parse_eps, result_to_dict, write_json
-    from robust_resnets.evaluation.sources import load_dataset, load_model
-
-    weights_dir = Path(args.weights_dir) if args.weights_dir else None
-    rows = [r for r in load_rows() if fnmatch.fnmatch(r['table'], args.tables)]
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    width = max([len('row')] + [len(r['label']) for r in rows])  # labels are printed whole
-    print(f"{'table':26s} {'row':{width}s} {'weights':36s} {'column':7s} {'paper':>7s} {'ours':>7s} {'diff':>7s}")
-    evaluated = 0
+    try:
+        rows = [r for r in accuracy_rows(load_tables()) if fnmatch.fnmatch(r['table'], args.tables)]
+    except TableError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if not rows:
+        print(f'No table id matches {args.tables!r}.', file=sys.stderr)
+        return 2
+    width = max(len(r['label']) for r in rows)
+    head = f"{'table':28s} {'row':{width}s} {'column':7s} {'paper':>6s} {'ours':>6s} {'diff':>6s} {'tol':>5s}"
+    print(head)
+    stats = {'evaluations': 0, 'reproduced': 0, 'differ': 0, 'skipped': 0, 'errors': 0}
     for row in rows:
-        w = find_weights(row, weights_dir)
-        head = f"{row['table']:26s} {row['label']:{width}s} {w['name'] or row['model'] or '-':36s}"
-        if not w['available'] or args.list:
-            print(f"{head} {'':7s} {'':>7s} {'':>7s} {'':>7s}  {w['why'] or 'available'}")
+        if row['weights'] is None:
+            print(f"{row['table']:28s} {row['label']:{width}s} skipped: no released weights in the manifest")
+            stats['skipped'] += 1
+
+    groups = plan_evaluations(rows, n_examples=args.n_examples)
+    device = None
+    for key, group in groups.items():
+        name, dataset = key[0], key[1]
+        prefix = [f"{r['table']:28s} {r['label']:{width}s}" for r in group]
+        weights = find_weights(name, args.weights_dir)
+        data_dir = args.imagenet_dir if dataset == 'imagenet' else args.data_dir
+        why = weights['why'] or (None if data_dir else
+                                 f"no {'--imagenet-dir' if dataset == 'imagenet' else '--data-dir'} given")
+        if args.list or why:
+            for p in prefix:
+                print(f"{p} {name}: " + (f'skipped: {why}' if why else f'would evaluate {key[-1]} images'))
+            stats['skipped'] += 0 if args.list else len(group)
             continue
-        model = load_model(w['name'], dataset=row['dataset'], checkpoint=w['file'], device=device)
-        images, labels, prep = load_dataset(row['dataset'], data_dir=args.data_dir, n_examples=args.n_examples,
-                                            model=model, resolution=row['resolution'])
-        eps = parse_eps(row['eps']) if row['eps'] else (4 / 255 if row['dataset'] == 'imagenet' else 8 / 255)
-        attacks = list(dict.fromkeys(['clean', *row['printed']]))
-        result = evaluate(model, images, labels, attacks=attacks, eps=eps, batch_size=args.batch_size, device=device)
-        evaluated += 1
-        for col, paper in row['printed'].items():
-            ours = 100 * result.accuracy[col]
-            print(f'{head} {col:7s} {paper:7.2f} {ours:7.2f} {ours - paper:+7.2f}')
+        if device is None:
+            import torch
+
+            device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        try:
+            result, measured, n, prep = _evaluate_group(group, weights, args, device)
+        except Exception as e:  # one row's broken file or data must not stop the others
+            for p in prefix:
+                print(f'{p} {name}: error: {type(e).__name__}: {e}')
+            stats['errors'] += len(group)
+            continue
+        stats['evaluations'] += 1
+        for row, p in zip(group, prefix):
+            for col, paper in row['printed'].items():
+                ours = measured[col]
+                tol = tolerance_pp(printed=paper, n_evaluated=n, n_full=row['n_examples'], base=args.tolerance)
+                ok = abs(ours - paper) <= tol
+                stats['reproduced' if ok else 'differ'] += 1
+                print(f"{p} {col:7s} {paper:6.2f} {ours:6.2f} {ours - paper:+6.2f} {tol:5.2f} "
+                      f"{'reproduced' if ok else 'DIFFERS'}")
         if args.out_dir:
-            data = result_to_dict(result, model=w['name'], dataset=row['dataset'], preprocessing=prep,
-                                  data_source=args.data_dir, extra={'benchmark_row': {k: row[k] for k in (
-                                      'table', 'label', 'printed')}})
-            write_json(data, Path(args.out_dir) / f"{row['table']}__{w['name']}.json")
-    print(f'{len(rows)} rows, {evaluated} evaluated', file=sys.stderr)
-    return 0
+            from robust_resnets.evaluation.results import result_to_dict, write_json
+
+            data = result_to_dict(result, model=name, dataset=dataset, preprocessing=prep, data_source=data_dir,
+                                  checkpoint=weights['file'] and str(weights['file']), extra={'benchmark_rows': [
+                                      {k: r[k] for k in ('table', 'label', 'printed')} for r in group]})
+            write_json(data, args.out_dir / f"{name}{f'_{key[2]}px' if key[2] else ''}_n{n}.json")
+    print(f"{len(rows)} rows with printed accuracies, {len(groups)} distinct evaluations of released weights; "
+          f"{stats['evaluations']} run: {stats['reproduced']} printed figures reproduced, {stats['differ']} differ; "
+          f"{stats['skipped']} rows skipped, {stats['errors']} rows failed")
+    return 1 if stats['errors'] else 0
 
 
 if __name__ == '__main__':

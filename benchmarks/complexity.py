@@ -1,12 +1,12 @@
-"""Reprints the papers' tables with the measured #P and #F beside the printed ones.
+"""Reprints the papers' #P/#F columns beside the values measured for our models.
 
-    python -m benchmarks complexity [--table ID ...] [--json OUT] [--verify-torchprofile]
+    python -m benchmarks complexity [--table ID ...] [--json OUT]
 
-#P is the parameter count and #F the MACs of one 3x32x32 (or the row's input size) eval forward,
-counted in torchprofile's convention by :mod:`robust_resnets.complexity` on the ``meta`` device.
-A printed value "matches" when the measured one, rounded to the printed precision, equals it.
-``--verify-torchprofile`` also runs ``torchprofile.profile_macs`` on a real CPU forward for rows
-under 2 GMACs, to show the meta counter agrees with the library.
+The tables are ``benchmarks/tables/*.yaml`` (schema: ``benchmarks/tables/README.md``); this module also
+reads and checks them for ``benchmarks.accuracy``. Every row with a printed #P or #F is measured with
+:mod:`robust_resnets.complexity` on the ``meta`` device. A printed value must match the measured one (see
+:func:`printed_matches`), or the row must declare that column a ``known_discrepancy`` pinned to the value we
+measure, so that a change of the model shows up either way. The legend printed with the report says the rest.
 """
 from __future__ import annotations
 
@@ -15,101 +15,324 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
-import torch
 import yaml
 
 from robust_resnets.files import write_text
 
 TABLES_DIR = Path(__file__).resolve().parent / 'tables'
+#: printed complexity columns: key -> (header, unit)
+COMPLEXITY_COLUMNS = {'params_m': ('#P', 'M'), 'macs_g': ('#F', 'G')}
+#: printed accuracy columns (percent), named as ``robust_resnets.evaluation.evaluate`` names the attacks
+ACCURACY_COLUMNS = ('clean', 'pgd20', 'cw40', 'aa')
+DATASETS = ('cifar10', 'cifar100', 'imagenet')
+#: a column pinned by ``known_discrepancy`` must measure within this relative distance of the pin
+PIN_TOLERANCE = 1e-3
+
+FILE_FIELDS = {'paper', 'sources', 'footnotes', 'tables'}
+TABLE_FIELDS = {'id', 'title', 'source', 'dataset', 'threat_model', 'eps', 'training', 'columns', 'evaluation',
+                'notes', 'rows'}
+EVALUATION_FIELDS = {'n_examples', 'resolution', 'crop_pct', 'interpolation'}
+ROW_FIELDS = {'label', 'model', 'model_args', 'weights', 'printed', 'source', 'input_size', 'resolution', 'epochs',
+              'known_discrepancy', 'corrected_model_args', 'earlier_printed'}
 
 
-def load_tables(ids: Optional[Iterable[str]] = None) -> List[Dict[str, Any]]:
-    """All tables of ``benchmarks/tables/*.yaml`` (optionally only those with the given ids)."""
-    tables = []
-    for path in sorted(TABLES_DIR.glob('*.yaml')):
-        doc = yaml.safe_load(path.read_text())
-        for table in doc.get('tables', []):
-            table['file'] = path.name
-            tables.append(table)
+class TableError(ValueError):
+    """A table file that cannot be read or breaks the schema of ``benchmarks/tables/README.md``."""
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_row(row: Any, table: Mapping[str, Any], doc: Mapping[str, Any], where: str) -> List[str]:
+    if not isinstance(row, dict):
+        return [f'{where}: a row must be a mapping, got {type(row).__name__}']
+    errors = []
+    unknown = sorted(set(row) - ROW_FIELDS)
+    if unknown:
+        errors.append(f'{where}: unknown fields {unknown} (known: {sorted(ROW_FIELDS)})')
+    missing = [k for k in ('label', 'model', 'weights', 'printed') if k not in row]
+    if missing:
+        errors.append(f"{where}: missing fields {missing} (write 'weights: null' for a row without released weights)")
+        return errors
+    if row['weights'] is not None and not (isinstance(row['weights'], str) and '.' in row['weights']):
+        errors.append(f"{where}: weights must be a manifest name 'arch.tag' or null, got {row['weights']!r}")
+    printed = row['printed']
+    if not isinstance(printed, dict) or not printed:
+        return errors + [f'{where}: printed must be a non-empty mapping of column -> number']
+    for col, value in printed.items():
+        if col not in table.get('columns', []):
+            errors.append(f"{where}: printed column {col!r} is not in the table's columns {table.get('columns')}")
+        if not _is_num(value):
+            errors.append(f'{where}: printed {col} must be a number, got {value!r}')
+    for key in ('model_args', 'corrected_model_args'):
+        if key in row and not isinstance(row[key], dict):
+            errors.append(f'{where}: {key} must be a mapping of keyword arguments')
+    if 'source' in row and row['source'] not in doc['sources']:
+        errors.append(f"{where}: source {row['source']!r} is not a key of the file's sources {sorted(doc['sources'])}")
+    discrepancy = row.get('known_discrepancy') or {}
+    if not isinstance(discrepancy, dict):
+        return errors + [f'{where}: known_discrepancy must map a column to {{measured, note, footnote?}}']
+    for col, d in discrepancy.items():
+        if col not in COMPLEXITY_COLUMNS or col not in printed:
+            errors.append(f'{where}: known_discrepancy names {col!r}; it must be a printed column among '
+                          f'{sorted(COMPLEXITY_COLUMNS)}')
+        if not isinstance(d, dict) or not _is_num(d.get('measured')) or not isinstance(d.get('note'), str) or \
+                set(d) - {'measured', 'note', 'footnote'}:
+            errors.append(f"{where}: known_discrepancy.{col} must be {{measured: <number we measure>, note: <short "
+                          f"reason>, footnote: <key of footnotes, optional>}}, got {d!r}")
+        elif 'footnote' in d and d['footnote'] not in doc.get('footnotes', {}):
+            errors.append(f"{where}: footnote {d['footnote']!r} is not a key of the file's footnotes")
+    if 'corrected_model_args' in row and not discrepancy:
+        errors.append(f'{where}: corrected_model_args without known_discrepancy: if the printed configuration '
+                      f'gives the printed figures, drop corrected_model_args')
+    earlier = row.get('earlier_printed')
+    if earlier is not None and not (isinstance(earlier, dict) and earlier.get('source') in doc['sources'] and all(
+            k in printed and _is_num(v) for k, v in earlier.items() if k != 'source')):
+        errors.append(f"{where}: earlier_printed must map printed columns to numbers plus 'source: <key of sources>'")
+    return errors
+
+
+def _check_table(table: Any, doc: Mapping[str, Any], where: str) -> List[str]:
+    if not isinstance(table, dict):
+        return [f'{where}: a table must be a mapping']
+    where = f"{where} ({table.get('id', '?')})"
+    errors = []
+    unknown = sorted(set(table) - TABLE_FIELDS)
+    if unknown:
+        errors.append(f'{where}: unknown fields {unknown} (known: {sorted(TABLE_FIELDS)})')
+    missing = [k for k in ('id', 'title', 'source', 'dataset', 'threat_model', 'eps', 'columns', 'evaluation', 'rows')
+               if k not in table]
+    if missing:
+        return errors + [f'{where}: missing fields {missing}']
+    if not str(table['id']).startswith(f"{doc['paper']['id']}_"):
+        errors.append(f"{where}: id must start with the paper id '{doc['paper']['id']}_'")
+    if table['source'] not in doc['sources']:
+        errors.append(f"{where}: source {table['source']!r} is not a key of the file's sources "
+                      f"{sorted(doc['sources'])}")
+    if table['dataset'] not in DATASETS:
+        errors.append(f"{where}: dataset must be one of {list(DATASETS)}, got {table['dataset']!r}")
+    known = set(COMPLEXITY_COLUMNS) | set(ACCURACY_COLUMNS)
+    if not isinstance(table['columns'], list) or not table['columns'] or set(table['columns']) - known:
+        errors.append(f"{where}: columns must list some of {sorted(known)}, got {table['columns']!r}")
+    ev = table['evaluation']
+    if not isinstance(ev, dict) or set(ev) - EVALUATION_FIELDS or not isinstance(ev.get('n_examples'), int) or \
+            ev['n_examples'] < 1:
+        errors.append(f'{where}: evaluation must be {{n_examples: <test images the paper used>, resolution?, '
+                      f'crop_pct?, interpolation?}}, got {ev!r}')
+    if not isinstance(table['rows'], list) or not table['rows']:
+        return errors + [f'{where}: rows must be a non-empty list']
+    for i, row in enumerate(table['rows']):
+        label = row.get('label', '?') if isinstance(row, dict) else '?'
+        errors += _check_row(row, table, doc, f'{where} row {i} ({label})')
+    return errors
+
+
+def read_table_file(path: Path) -> Dict[str, Any]:
+    """Reads one table file and checks it against the schema of ``benchmarks/tables/README.md``.
+
+    Args:
+        path: A ``*.yaml`` table file.
+
+    Returns:
+        The file's mapping (``paper``, ``sources``, ``footnotes``, ``tables``), as written.
+
+    Raises:
+        TableError: The file is not valid YAML or breaks the schema; the message lists every problem.
+    """
+    try:
+        doc = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except (OSError, yaml.YAMLError) as e:
+        raise TableError(f'Cannot read table file {path}: {e}') from None
+    if not isinstance(doc, dict):
+        raise TableError(f'{path}: a table file is a mapping with {sorted(FILE_FIELDS)}; see '
+                         f'benchmarks/tables/README.md.')
+    errors = []
+    unknown = sorted(set(doc) - FILE_FIELDS)
+    if unknown:
+        errors.append(f'unknown top-level fields {unknown} (known: {sorted(FILE_FIELDS)})')
+    paper = doc.get('paper')
+    if not isinstance(paper, dict) or not all(isinstance(paper.get(k), str) for k in ('id', 'title', 'arxiv')):
+        errors.append("paper must be a mapping with string id, title and arxiv (e.g. arxiv: '2212.11005')")
+    if not isinstance(doc.get('sources'), dict) or not doc['sources']:
+        errors.append('sources must map a short key to where the numbers come from')
+    if not isinstance(doc.get('footnotes', {}), dict):
+        errors.append('footnotes must map a short key to a text')
+    if not isinstance(doc.get('tables'), list) or not doc['tables']:
+        errors.append('tables must be a non-empty list')
+    if not errors:
+        for i, table in enumerate(doc['tables']):
+            errors += _check_table(table, doc, f'table {i}')
+    if errors:
+        raise TableError(f'{path} breaks the table schema (benchmarks/tables/README.md):\n  ' + '\n  '.join(errors))
+    return doc
+
+
+def load_tables(ids: Optional[Iterable[str]] = None, *, tables_dir: Path = TABLES_DIR) -> List[Dict[str, Any]]:
+    """Every table of ``tables_dir/*.yaml``, checked, each with its file's context.
+
+    Args:
+        ids: Only these table ids (all when None).
+        tables_dir: Folder of table files.
+
+    Returns:
+        The tables as written, each with ``file``, ``paper``, ``sources`` and ``footnotes`` of its file added.
+
+    Raises:
+        TableError: A file cannot be read or breaks the schema, two tables share an id, or an id is unknown.
+    """
+    paths = sorted(Path(tables_dir).glob('*.yaml'))
+    if not paths:
+        raise TableError(f'No table files (*.yaml) in {tables_dir}.')
+    tables: List[Dict[str, Any]] = []
+    for path in paths:
+        doc = read_table_file(path)
+        for table in doc['tables']:
+            if any(t['id'] == table['id'] for t in tables):
+                raise TableError(f"Table id {table['id']!r} of {path.name} is already used; ids must be unique.")
+            tables.append(dict(table, file=path.name, paper=doc['paper'], sources=doc['sources'],
+                               footnotes=doc.get('footnotes') or {}))
     if ids:
-        wanted = set(ids)
-        unknown = wanted - {t['id'] for t in tables}
+        wanted = list(dict.fromkeys(ids))
+        unknown = [i for i in wanted if i not in {t['id'] for t in tables}]
         if unknown:
-            raise SystemExit(f'Unknown table id(s) {sorted(unknown)}; known: {[t["id"] for t in tables]}')
+            raise TableError(f'Unknown table id(s) {unknown}; known: {[t["id"] for t in tables]}')
         tables = [t for t in tables if t['id'] in wanted]
     return tables
 
 
 def printed_matches(measured: float, printed: float) -> bool:
-    """True when ``measured`` rounded to 3 significant digits (the papers' precision: 36.5M, 5.20G, 267M)
-    equals the printed value."""
+    """Whether ``measured`` rounded to 3 significant digits (the papers' precision: 36.5M, 5.20G, 267M) equals
+    ``printed``."""
     return float(f'{measured:.3g}') == float(printed)
 
 
-def measure_row(row: Dict[str, Any], cache: Dict[str, Dict[str, float]]) -> Dict[str, float]:
-    """Parameters (M) and MACs (G) of a table row's model, built on ``meta``."""
+def check_column(*, printed: float, measured: float, discrepancy: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Judges one printed #P or #F against the measured value.
+
+    Args:
+        printed: The paper's value.
+        measured: Ours.
+        discrepancy: The row's ``known_discrepancy`` entry for this column, or None.
+
+    Returns:
+        ``{'status', 'problem'}``: status 'match', 'known' (differs, and measures the pinned value) or 'fail'
+        (problem then says what to fix).
+    """
+    match = printed_matches(measured, printed)
+    if discrepancy is None:
+        return {'status': 'match', 'problem': None} if match else {'status': 'fail', 'problem': (
+            f'measured {measured:.4g} does not match the printed {printed:g}; find the cause, and if the paper is '
+            f'wrong add a known_discrepancy pinned to {measured:.4g}')}
+    if match:
+        return {'status': 'fail', 'problem': f'measured {measured:.4g} now matches the printed {printed:g}: drop the '
+                                             f'known_discrepancy'}
+    pin = float(discrepancy['measured'])
+    if abs(measured - pin) > PIN_TOLERANCE * abs(pin):
+        return {'status': 'fail', 'problem': (
+            f'measured {measured:.4g}, but the known_discrepancy pins {pin:g}: the model changed; if on purpose, '
+            f'update the pin and its note')}
+    return {'status': 'known', 'problem': None}
+
+
+def measure(model: str, model_args: Mapping[str, Any], input_size: Optional[Iterable[int]],
+            cache: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """Parameters (M) and MACs (G) of a registered model, built on ``meta`` (memoised in ``cache``)."""
     import robust_resnets  # noqa: F401  (registers the models)
     from robust_resnets.complexity import count_macs, count_params, create_for_counting
 
-    key = json.dumps([row['model'], row.get('model_args', {}), row.get('input_size')], sort_keys=True)
+    key = json.dumps([model, dict(model_args), input_size and list(input_size)], sort_keys=True)
     if key not in cache:
-        model = create_for_counting(row['model'], **row.get('model_args', {}))
-        size = tuple(row.get('input_size') or model.pretrained_cfg.get('input_size', (3, 32, 32)))
-        cache[key] = {'params_m': count_params(model) / 1e6, 'macs_g': count_macs(model, input_size=size) / 1e9}
+        net = create_for_counting(model, **model_args)
+        size = tuple(input_size or net.pretrained_cfg.get('input_size', (3, 32, 32)))
+        cache[key] = {'params_m': count_params(net) / 1e6, 'macs_g': count_macs(net, input_size=size) / 1e9}
     return cache[key]
 
 
-def verify_with_torchprofile(row: Dict[str, Any], macs_g: float) -> Optional[float]:
-    """Relative difference between the meta counter and torchprofile on a real forward (small rows only)."""
-    import timm
-    from torchprofile import profile_macs
-
-    if macs_g > 2.0:
-        return None
-    model = timm.create_model(row['model'], **row.get('model_args', {})).eval()
-    size = tuple(row.get('input_size') or model.pretrained_cfg.get('input_size', (3, 32, 32)))
-    ref = profile_macs(model, torch.rand(1, *size)) / 1e9
-    return (macs_g - ref) / ref
-
-
-def build_report(tables: List[Dict[str, Any]], *, verify: bool = False) -> List[Dict[str, Any]]:
-    """Measured vs printed #P/#F for every row that has a registered model."""
+def _report_row(row: Mapping[str, Any], cache: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
     import timm
 
-    import robust_resnets  # noqa: F401
+    printed = {c: v for c, v in row['printed'].items() if c in COMPLEXITY_COLUMNS}
+    entry: Dict[str, Any] = {'label': row['label'], 'model': row['model'], 'printed': printed, 'columns': {},
+                             'problems': [], 'earlier_printed': row.get('earlier_printed')}
+    if not timm.is_model(row['model']):
+        entry['problems'].append(f"model {row['model']!r} is not registered; fix the name in the table")
+        entry['status'] = 'fail'
+        return entry
+    measured = measure(row['model'], row.get('model_args') or {}, row.get('input_size'), cache)
+    entry['measured'] = measured
+    for col, value in printed.items():
+        disc = (row.get('known_discrepancy') or {}).get(col)
+        verdict = check_column(printed=value, measured=measured[col], discrepancy=disc)
+        entry['columns'][col] = {'printed': value, 'measured': measured[col],
+                                 'rel_diff': (measured[col] - value) / value, **verdict,
+                                 'pinned': disc and disc['measured'], 'note': disc and disc['note'],
+                                 'footnote': disc and disc.get('footnote')}
+        if verdict['problem']:
+            entry['problems'].append(f"{COMPLEXITY_COLUMNS[col][0]}: {verdict['problem']}")
+    if row.get('corrected_model_args'):
+        fixed = measure(row['model'], row['corrected_model_args'], row.get('input_size'), cache)
+        ok = all(printed_matches(fixed[c], v) for c, v in printed.items())
+        entry['corrected'] = {'model_args': row['corrected_model_args'], 'measured': fixed, 'match': ok}
+        if not ok:
+            entry['problems'].append('the corrected_model_args do not give the printed figures either')
+    statuses = {c['status'] for c in entry['columns'].values()}
+    entry['status'] = 'fail' if entry['problems'] else ('known' if 'known' in statuses else 'ok')
+    return entry
 
-    cache: Dict[str, Dict[str, float]] = {}
+
+def build_report(tables: List[Dict[str, Any]], *,
+                 cache: Optional[Dict[str, Dict[str, float]]] = None) -> List[Dict[str, Any]]:
+    """Measured vs printed #P/#F of every row of the tables that print #P or #F.
+
+    Args:
+        tables: Tables from :func:`load_tables`.
+        cache: Measurements to reuse and extend (keyed by model, arguments and input size); a fresh one if None.
+
+    Returns:
+        One entry per such table: ``id``, ``title``, ``source``, ``footnotes`` (the texts its rows cite) and
+        ``rows``; a row has ``printed``, ``measured``, per-column verdicts (``columns``), ``status`` ('ok',
+        'known' or 'fail') and ``problems``.
+    """
+    cache = {} if cache is None else cache
     report = []
     for table in tables:
-        rows = []
-        for row in table['rows']:
-            printed = row['printed']
-            entry = {'label': row['label'], 'model': row['model'], 'printed': printed,
-                     'known_discrepancy': row.get('known_discrepancy')}
-            if not timm.is_model(row['model']):
-                entry['status'] = f"model '{row['model']}' is not registered yet"
-                rows.append(entry)
-                continue
-            measured = measure_row(row, cache)
-            entry['measured'] = measured
-            for col in ('params_m', 'macs_g'):
-                if printed.get(col) is not None:
-                    entry[f'{col}_rel_diff'] = (measured[col] - printed[col]) / printed[col]
-                    entry[f'{col}_match'] = printed_matches(measured[col], printed[col])
-            if row.get('corrected_model_args'):
-                fixed = measure_row(dict(row, model_args=row['corrected_model_args']), cache)
-                entry['corrected'] = {'model_args': row['corrected_model_args'], 'measured': fixed, 'match': all(
-                    printed_matches(fixed[c], printed[c]) for c in ('params_m', 'macs_g') if printed.get(c) is not None)}
-            if verify:
-                entry['torchprofile_rel_diff'] = verify_with_torchprofile(row, measured['macs_g'])
-            rows.append(entry)
-        report.append({'id': table['id'], 'title': table['title'], 'source': table['source'], 'rows': rows})
+        if not set(table['columns']) & set(COMPLEXITY_COLUMNS):
+            continue
+        rows = [_report_row(row, cache) for row in table['rows']
+                if set(row['printed']) & set(COMPLEXITY_COLUMNS)]
+        cited = list(dict.fromkeys(c['footnote'] for r in rows for c in r['columns'].values() if c.get('footnote')))
+        report.append({'id': table['id'], 'title': table['title'], 'source': table['sources'][table['source']],
+                       'footnotes': {k: table['footnotes'][k] for k in cited}, 'rows': rows})
     return report
 
 
-def _fmt(v: Optional[float], nd: int = 2) -> str:
+def legend(tables: List[Dict[str, Any]]) -> str:
+    """What the report's columns and verdicts mean, and how to re-run one table."""
+    ids = ', '.join(t['id'] for t in tables if set(t['columns']) & set(COMPLEXITY_COLUMNS))
+    return '\n'.join([
+        '#P: parameters, in millions (M).',
+        "#F: multiply-accumulates (MACs), in billions (G), of one forward in eval mode of one image at the model's "
+        'input size (1x3x32x32 for CIFAR, 1x3x224x224 for ImageNet), counted in the convention of '
+        'torchprofile.profile_macs: convolutions and matrix products, plus one MAC per output element of affine '
+        'normalisations, elementwise products, average pools and means. The authors count MACs with that function '
+        'and print them as FLOPs (models/resnet.py, main_dist.py, models/robnet.py of their repository). We count '
+        'them with robust_resnets.complexity on the meta device; tests/test_complexity.py checks it against '
+        'torchprofile for every model family.',
+        'diff: (measured - printed) / printed.',
+        'match: the measured value rounded to 3 significant digits equals the printed one (36.48M -> 36.5M, '
+        '5.105G -> 5.11G).',
+        f'known [n]: the printed value is not reproduced, for the reason given (footnote [n] under the table); the '
+        f'table file pins the value we measure, which must stay within {PIN_TOLERANCE:.1%} of the pin, and the '
+        f"row's other column must still match.",
+        'FAIL: anything else; the run then exits with status 1.',
+        f'One table: python -m benchmarks complexity --table ID (IDs: {ids}).',
+    ])
+
+
+def _num(v: Optional[float], nd: int) -> str:
     return '-' if v is None else f'{v:.{nd}f}'
 
 
@@ -118,55 +341,72 @@ def _sig3(v: Optional[float]) -> str:
 
 
 def render(report: List[Dict[str, Any]]) -> str:
-    """Markdown tables: label, printed and measured #P/#F, relative differences."""
+    """Markdown tables: printed and measured #P/#F with their differences, the verdict, and footnotes."""
     lines = []
     for table in report:
-        lines += [f"### {table['title']}", f"source: {table['source']}", '',
-                  '| row | model | #P printed | #P measured | diff | #F printed | #F measured | diff | |',
+        marks = {key: i + 1 for i, key in enumerate(table['footnotes'])}
+        lines += [f"### {table['title']}", f"`{table['id']}`; source: {table['source']}", '',
+                  '| row | model | #P printed | #P measured | diff | #F printed | #F measured | diff | check |',
                   '|---|---|---:|---:|---:|---:|---:|---:|---|']
         for r in table['rows']:
-            p = r['printed']
-            if 'measured' not in r:
-                lines.append(f"| {r['label']} | {r['model']} | {_sig3(p.get('params_m'))}M | - | - "
-                             f"| {_sig3(p.get('macs_g'))}G | - | - | {r['status']} |")
-                continue
-            m = r['measured']
-            ok = r.get('params_m_match', True) and r.get('macs_g_match', True)
-            note = 'ok' if ok else (f"known discrepancy: {r['known_discrepancy']}" if r['known_discrepancy']
-                                    else 'MISMATCH, unexplained')
-            if r.get('torchprofile_rel_diff') is not None:
-                note += f" (torchprofile {r['torchprofile_rel_diff']:+.1e})"
-            lines.append(
-                f"| {r['label']} | {r['model']} | {_sig3(p.get('params_m'))}M | {_fmt(m['params_m'])}M "
-                f"| {_fmt(100 * r.get('params_m_rel_diff', 0), 1)}% | {_sig3(p.get('macs_g'))}G "
-                f"| {_fmt(m['macs_g'], 3)}G | {_fmt(100 * r.get('macs_g_rel_diff', 0), 1)}% | {note} |")
+            cells = []
+            for col, (_, unit) in COMPLEXITY_COLUMNS.items():
+                c = r['columns'].get(col)
+                nd = 2 if col == 'params_m' else 3
+                cells += ['-', '-', '-'] if c is None else [
+                    f"{_sig3(c['printed'])}{unit}", f"{_num(c['measured'], nd)}{unit}", f"{100 * c['rel_diff']:+.1f}%"]
+            checks = []
+            for col, c in r['columns'].items():
+                if c['status'] == 'known':
+                    mark = f" [{marks[c['footnote']]}]" if c.get('footnote') else ''
+                    checks.append(f"{COMPLEXITY_COLUMNS[col][0]} known: {c['note']}{mark}")
+            checks += [f'FAIL {p}' for p in r['problems']]
+            if r.get('earlier_printed'):
+                e = r['earlier_printed']
+                checks.append('earlier printed ' + ', '.join(
+                    f'{_sig3(e[c])}{u}' for c, (_, u) in COMPLEXITY_COLUMNS.items() if c in e) + f" ({e['source']})")
+            lines.append(f"| {r['label']} | {r['model']} | " + ' | '.join(cells) + ' | '
+                         + ('; '.join(checks) or 'match') + ' |')
             if r.get('corrected'):
                 c = r['corrected']
-                lines.append(f"| ↳ corrected {c['model_args']} | | | {_fmt(c['measured']['params_m'])}M | | "
-                             f"| {_fmt(c['measured']['macs_g'], 3)}G | | {'ok' if c['match'] else 'MISMATCH'} |")
+                args = ', '.join(f'{k}={v}' for k, v in c['model_args'].items())
+                lines.append(f"| ↳ corrected: {args} | | | {_num(c['measured']['params_m'], 2)}M | | | "
+                             f"{_num(c['measured']['macs_g'], 3)}G | | {'match' if c['match'] else 'FAIL'} |")
+        if marks:
+            lines.append('')
+            lines += [f'[{n}] {table["footnotes"][key].strip()}' for key, n in marks.items()]
         lines.append('')
     return '\n'.join(lines)
+
+
+def summary(report: List[Dict[str, Any]], seconds: float) -> str:
+    """One line: rows measured, how many match, are pinned known discrepancies, fail; and the time taken."""
+    rows = [r for t in report for r in t['rows']]
+    count = {s: sum(r['status'] == s for r in rows) for s in ('ok', 'known', 'fail')}
+    known_cols = sum(c['status'] == 'known' for r in rows for c in r['columns'].values())
+    return (f"{len(rows)} rows of {len(report)} tables measured: {count['ok']} match the printed #P/#F, "
+            f"{count['known']} differ as documented ({known_cols} pinned columns), {count['fail']} fail; "
+            f'{seconds:.1f} s')
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m benchmarks complexity', description=__doc__.split('\n')[0])
     parser.add_argument('--table', action='append', help='table id to reprint (repeatable); default all')
     parser.add_argument('--json', type=Path, help='also write the full report as JSON here')
-    parser.add_argument('--verify-torchprofile', action='store_true',
-                        help='cross-check MACs with torchprofile on real forwards of rows under 2 GMACs')
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    report = build_report(load_tables(args.table), verify=args.verify_torchprofile)
-    print(render(report))
-    rows = [r for t in report for r in t['rows'] if 'measured' in r]
-    bad = [r for r in rows if not (r.get('params_m_match', True) and r.get('macs_g_match', True))]
-    unexplained = [r for r in bad if not r['known_discrepancy']]
-    print(f'{len(rows)} rows measured, {len(rows) - len(bad)} match the printed #P/#F, {len(bad)} do not '
-          f'({len(bad) - len(unexplained)} documented as known discrepancies, {len(unexplained)} unexplained); '
-          f'{time.perf_counter() - start:.1f} s')
+    try:
+        every_table = load_tables()
+        tables = load_tables(args.table)
+    except TableError as e:
+        print(e, file=sys.stderr)
+        return 2
+    report = build_report(tables)
+    print(legend(every_table), '', render(report), sep='\n')
+    print(summary(report, time.perf_counter() - start))
     if args.json:
         write_text(json.dumps(report, indent=1), args.json)
-    return 1 if unexplained else 0
+    return 1 if any(r['status'] == 'fail' for t in report for r in t['rows']) else 0
 
 
 if __name__ == '__main__':

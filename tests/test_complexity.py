@@ -17,6 +17,9 @@ SMALL_CONFIGS = [
     ('preact_resnet', dict(depths=(1, 1, 1), widths=(2, 2, 2), normalizations='GroupNorm')),
     ('vit_small_convstem', dict(depth=1, img_size=64)),  # attention counted as one op, on any device
     ('convnext_tiny_convstem', dict(depths=(1, 1, 1, 1))),
+    ('robnet_large_v2', dict(C=4, layers=3)),  # RobNet cells (robnet.py)
+    ('advrush', dict(C=4, layers=3)),  # DARTS cells (darts.py)
+    ('racl', dict(C=4, layers=3)),
 ]
 
 
