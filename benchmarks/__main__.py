@@ -13,6 +13,7 @@ BENCHMARKS = {
 def _usage() -> str:
     lines = ['usage: python -m benchmarks {' + ','.join(BENCHMARKS) + '} [args]   (BENCHMARK --help for its options)']
     lines += [f'  {name:12s} {what}' for name, (_, what) in BENCHMARKS.items()]
+    lines.append('The papers\' tables and their ids: python -m benchmarks complexity --list')
     return '\n'.join(lines)
 
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from benchmarks.complexity import ACCURACY_COLUMNS, TableError, load_tables
+from benchmarks.complexity import ACCURACY_COLUMNS, TableError, tables_epilog, load_tables
 
 #: default half-width, in percentage points, of "reproduced" on the full test set
 TOLERANCE_PP = 0.5
@@ -132,8 +132,14 @@ def _evaluate_group(rows: List[Dict[str, Any]], weights: Dict[str, Any], args: a
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m benchmarks accuracy', description=__doc__.splitlines()[0])
-    parser.add_argument('--tables', default='*', help='fnmatch filter on table ids (default: all)')
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks accuracy', description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=tables_epilog("--tables selects among these ids; 'python -m benchmarks complexity' measures "
+                              'the #P/#F columns.'))
+    parser.add_argument('--tables', default='*', metavar='PATTERN',
+                        help="table id, or an fnmatch pattern of ids such as 'singh2023_*' (listed below); "
+                             'default: all')
     parser.add_argument('--data-dir', default=None,
                         help='CIFAR-10/100 folder (torchvision files, an ImageFolder or the .tar.gz); no default: '
                              'CIFAR rows are skipped without it. A relative path is relative to the current folder')
@@ -155,12 +161,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error('--n-examples must be positive')
 
     try:
-        rows = [r for r in accuracy_rows(load_tables()) if fnmatch.fnmatch(r['table'], args.tables)]
+        every_table = load_tables()
     except TableError as e:
         print(e, file=sys.stderr)
         return 2
+    selected = [t for t in every_table if fnmatch.fnmatch(t['id'], args.tables)]
+    if not selected:
+        print(f"No table id matches {args.tables!r}; known: {[t['id'] for t in every_table]} "
+              f'(python -m benchmarks accuracy --help describes them).', file=sys.stderr)
+        return 2
+    rows = accuracy_rows(selected)
     if not rows:
-        print(f'No table id matches {args.tables!r}.', file=sys.stderr)
+        print(f"{', '.join(t['id'] for t in selected)}: no printed accuracies; `python -m benchmarks complexity "
+              f"--table ID` measures their #P/#F.", file=sys.stderr)
         return 2
     width = max(len(r['label']) for r in rows)
     head = f"{'table':28s} {'row':{width}s} {'column':7s} {'paper':>6s} {'ours':>6s} {'diff':>6s} {'tol':>5s}"

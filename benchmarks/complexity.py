@@ -1,6 +1,7 @@
 """Reprints the papers' #P/#F columns beside the values measured for our models.
 
     python -m benchmarks complexity [--table ID ...] [--json OUT]
+    python -m benchmarks complexity --list      # the table ids, what each prints, and its title
 
 The tables are ``benchmarks/tables/*.yaml`` (schema: ``benchmarks/tables/README.md``); this module also
 reads and checks them for ``benchmarks.accuracy``. Every row with a printed #P or #F is measured with
@@ -198,9 +199,34 @@ def load_tables(ids: Optional[Iterable[str]] = None, *, tables_dir: Path = TABLE
         wanted = list(dict.fromkeys(ids))
         unknown = [i for i in wanted if i not in {t['id'] for t in tables}]
         if unknown:
-            raise TableError(f'Unknown table id(s) {unknown}; known: {[t["id"] for t in tables]}')
+            raise TableError(f'Unknown table id(s) {unknown}; known: {[t["id"] for t in tables]} '
+                             f'(python -m benchmarks complexity --list describes them)')
         tables = [t for t in tables if t['id'] in wanted]
     return tables
+
+
+def prints_complexity(table: Mapping[str, Any]) -> bool:
+    """Whether ``table`` prints a #P or #F column (what this benchmark measures)."""
+    return bool(set(table['columns']) & set(COMPLEXITY_COLUMNS))
+
+
+def describe_tables(tables: List[Dict[str, Any]]) -> str:
+    """One line per table: its id, the columns it prints (#P/#F and accuracies) and its title."""
+    width = max((len(t['id']) for t in tables), default=0)
+    lines = []
+    for t in tables:
+        cols = (['#P/#F'] if prints_complexity(t) else []) + [c for c in t['columns'] if c in ACCURACY_COLUMNS]
+        lines.append(f"  {t['id']:{width}s}  {' '.join(cols):25s} {t['title']}")
+    return '\n'.join(lines)
+
+
+def tables_epilog(command: str) -> str:
+    """The ``--help`` epilog listing every table (read from the YAML files now)."""
+    try:
+        tables = load_tables()
+    except TableError as e:
+        return f'Cannot list the tables: {e}'
+    return f'tables (benchmarks/tables/*.yaml): id, printed columns, title.\n{command}\n' + describe_tables(tables)
 
 
 def printed_matches(measured: float, printed: float) -> bool:
@@ -299,7 +325,7 @@ def build_report(tables: List[Dict[str, Any]], *,
     cache = {} if cache is None else cache
     report = []
     for table in tables:
-        if not set(table['columns']) & set(COMPLEXITY_COLUMNS):
+        if not prints_complexity(table):
             continue
         rows = [_report_row(row, cache) for row in table['rows']
                 if set(row['printed']) & set(COMPLEXITY_COLUMNS)]
@@ -311,7 +337,8 @@ def build_report(tables: List[Dict[str, Any]], *,
 
 def legend(tables: List[Dict[str, Any]]) -> str:
     """What the report's columns and verdicts mean, and how to re-run one table."""
-    ids = ', '.join(t['id'] for t in tables if set(t['columns']) & set(COMPLEXITY_COLUMNS))
+    ids = ', '.join(t['id'] for t in tables if prints_complexity(t))
+    others = ', '.join(t['id'] for t in tables if not prints_complexity(t))
     return '\n'.join([
         '#P: parameters, in millions (M).',
         "#F: multiply-accumulates (MACs), in billions (G), of one forward in eval mode of one image at the model's "
@@ -329,6 +356,9 @@ def legend(tables: List[Dict[str, Any]]) -> str:
         f"row's other column must still match.",
         'FAIL: anything else; the run then exits with status 1.',
         f'One table: python -m benchmarks complexity --table ID (IDs: {ids}).',
+        *([f'Tables that print no #P/#F ({others}): python -m benchmarks accuracy --tables ID evaluates their '
+           f'accuracy columns.'] if others else []),
+        'Every table, with what it prints: python -m benchmarks complexity --list.',
     ])
 
 
@@ -389,10 +419,23 @@ def summary(report: List[Dict[str, Any]], seconds: float) -> str:
             f'{seconds:.1f} s')
 
 
+def no_complexity_note(table_id: str) -> str:
+    """What to say when a table that prints no #P/#F is selected for this benchmark."""
+    return (f'{table_id} prints no #P/#F; `python -m benchmarks accuracy --tables {table_id}` evaluates its '
+            f'accuracy columns')
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m benchmarks complexity', description=__doc__.split('\n')[0])
-    parser.add_argument('--table', action='append', help='table id to reprint (repeatable); default all')
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks complexity', description=__doc__.split('\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=tables_epilog("Only those with #P/#F are measured here; 'python -m benchmarks accuracy' "
+                              'evaluates the accuracy columns.'))
+    parser.add_argument('--table', action='append', metavar='ID',
+                        help='table id to reprint (repeatable; listed below and by --list); default: every table '
+                             'that prints #P/#F')
     parser.add_argument('--json', type=Path, help='also write the full report as JSON here')
+    parser.add_argument('--list', action='store_true', help='list the table ids, their columns and titles, and stop')
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
@@ -401,6 +444,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TableError as e:
         print(e, file=sys.stderr)
         return 2
+    if args.list:
+        print(describe_tables(tables))
+        return 0
+    if args.table:
+        for table in tables:
+            if not prints_complexity(table):
+                print(no_complexity_note(table['id']), file=sys.stderr)
+        if not any(prints_complexity(t) for t in tables):
+            print('Nothing measured: the selected tables print no #P/#F.', file=sys.stderr)
+            return 2
     report = build_report(tables)
     print(legend(every_table), '', render(report), sep='\n')
     print(summary(report, time.perf_counter() - start))

@@ -1,4 +1,4 @@
-"""Parameter and MAC counts, with the counting convention of the seed papers.
+"""Parameter and MAC counts, with the counting convention of the papers reproduced here.
 
 Huang et al. 2022 report #F as MACs counted by ``torchprofile`` in eval mode on one 32x32 image.
 That counter adds, beside convolutions and matrix products, one MAC per output element of

@@ -174,7 +174,7 @@ def test_wrong_architecture_is_refused_and_nothing_written(manifest, tmp_path):
 def test_wrong_class_count_is_refused(manifest, tmp_path):
     ref = TradesWideResNet(depth=16, widen=2, num_classes=100)
     ckpt = _save(ref.state_dict(), tmp_path / 'ckpt.pth')
-    with pytest.raises(RuntimeError, match=r'10 classes.*shape mismatches:.*head\.fc\.weight \(100, 128\) vs \(10, 128\)'):
+    with pytest.raises(RuntimeError, match=r'10 classes.*shape mismatches \(checkpoint vs model\):.*head\.fc\.weight \(100, 128\) vs \(10, 128\)'):
         convert_checkpoint(ckpt, name='preact_resnet.fx_trades_wrn', out_dir=tmp_path / 'out')
 
 

@@ -387,12 +387,54 @@ def test_cli_eval_checks_out_before_the_evaluation(tmp_path, monkeypatch, capsys
 
     with monkeypatch.context() as m:
         m.setattr(evaluation, 'evaluate', evaluate_then_interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            _run_cli([*base, '--data-dir', str(tmp_path / 'cifar'), '--out', str(resumed)])
+        assert _run_cli([*base, '--data-dir', str(tmp_path / 'cifar'), '--out', str(resumed)]) == 130
+    assert 'robust-resnets eval: interrupted' in capsys.readouterr().err
     assert Path(f'{resumed}.state.json').exists() and not resumed.exists()
     assert _run_cli([*base, '--data-dir', str(tmp_path / 'cifar'), '--out', str(resumed)]) == 0
+    assert f'resuming from {resumed}.state.json' in capsys.readouterr().err
     assert read_results(resumed)['clean_accuracy'] == read_results(out)['clean_accuracy']
     assert not Path(f'{resumed}.state.json').exists()
+
+
+def test_cli_eval_names_the_mistake(tmp_path, monkeypatch, capsys):
+    """Common mistakes get one line naming the problem and the fix, not a traceback."""
+    import timm
+
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    _write_images(tmp_path / 'cifar', per_class=1)
+    data = ['--data-dir', str(tmp_path / 'cifar'), '--n-examples', '2', '--attacks', 'clean', '--quiet']
+
+    def error(argv):
+        assert _run_cli(argv) == 1
+        return capsys.readouterr().err
+
+    assert "Did you mean 'robust_resnet_a1.cifar10_trades'?" in error(['eval', 'robust_resnet_a1.cifar10_trade', *data])
+    assert 'did you mean --eps 8/255?' in error(['eval', 'wrn_22_5', '--random-init', '--eps', '8', *data])
+    torch.save({'epoch': 3, 'note': 'no weights'}, tmp_path / 'meta.pt')
+    assert 'holds no tensors' in error(['eval', 'wrn_22_5', '--checkpoint', str(tmp_path / 'meta.pt'), *data])
+    tiny = {'depths': [1, 1, 1], 'widths': [1, 1, 1]}
+    torch.save(timm.create_model('wrn_22_5', **tiny).state_dict(), tmp_path / 'tiny.pt')
+    err = error(['eval', 'wrn_22_5', '--checkpoint', str(tmp_path / 'tiny.pt'), *data])
+    assert 'does not fit wrn_22_5 as built here: missing keys: ' in err and 'shape mismatches (checkpoint vs model)' in err
+    assert len(err.splitlines()) == 1
+    err = error(['eval', 'vit_small_convstem', '--random-init', '--dataset', 'cifar10', *data])
+    assert 'vit_small_convstem does not take cifar10 images ((3, 32, 32))' in err and '(3, 224, 224)' in err
+
+
+def test_eval_builds_a_stopped_runs_model_from_its_train_config(tmp_path):
+    """Before a run exports config.json, its last.pt loads with the model arguments of train_config.yaml."""
+    import timm
+    import yaml
+
+    from robust_resnets.evaluation.sources import load_model
+    tiny = {'depths': [1, 1, 1], 'widths': [1, 1, 1]}
+    model = timm.create_model('preact_resnet', **tiny)
+    torch.save({'state_dict': model.state_dict(), 'step': 2}, tmp_path / 'last.pt')
+    (tmp_path / 'train_config.yaml').write_text(yaml.safe_dump({'model': {'name': 'preact_resnet', 'kwargs': tiny}}))
+    loaded = load_model('preact_resnet', dataset='cifar10', checkpoint=tmp_path / 'last.pt')
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
 
 
 def test_cli_eval_seed_makes_random_init_repeatable(tmp_path, monkeypatch, tiny_registered_model):

@@ -83,6 +83,55 @@ def test_benchmark_command_prints_legend_table_and_footnotes(capsys, tmp_path):
     assert yaml.safe_load(out.read_text())[0]['id'] == 'huang2022_table3'
 
 
+def test_help_and_list_name_every_table(capsys):
+    for main in (bench.main, accuracy.main):
+        with pytest.raises(SystemExit) as info:
+            main(['--help'])
+        assert info.value.code == 0
+        text = capsys.readouterr().out
+        for table in TABLES:
+            assert f"  {table['id']} " in text and table['title'] in text
+    assert bench.main(['--list']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [t['id'] for t in TABLES]
+    assert next(line for line in lines if line.split()[0] == 'singh2023_linf4').split()[1:3] == ['clean', 'aa']
+    assert next(line for line in lines if line.split()[0] == 'huang2022_table3').split()[1:3] == ['#P/#F', 'aa']
+
+
+def test_a_table_without_params_or_macs_says_so(capsys):
+    assert bench.main(['--table', 'singh2023_linf4']) == 2  # nothing measured because of the selection
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    assert ('singh2023_linf4 prints no #P/#F; `python -m benchmarks accuracy --tables singh2023_linf4` evaluates '
+            'its accuracy columns') in captured.err
+    # with a measurable table beside it, the run measures that one and still says why the other is left out
+    assert bench.main(['--table', 'singh2023_linf4', '--table', 'huang2022_table3']) == 0
+    captured = capsys.readouterr()
+    assert 'singh2023_linf4 prints no #P/#F' in captured.err
+    assert '7 rows of 1 tables measured' in captured.out
+
+
+def test_an_unknown_table_id_names_the_known_ones(capsys):
+    assert bench.main(['--table', 'huang2022_table9']) == 2
+    err = capsys.readouterr().err
+    assert "Unknown table id(s) ['huang2022_table9']" in err and all(t['id'] in err for t in TABLES)
+    assert accuracy.main(['--tables', 'huang2022_table9']) == 2
+    err = capsys.readouterr().err
+    assert "No table id matches 'huang2022_table9'" in err and all(t['id'] in err for t in TABLES)
+
+
+def test_sources_are_public_citations():
+    """Sources, footnotes and notes cite the authors' repositories (commit, date) or RobustBench, never this
+    project's private copies of the READMEs."""
+    for path in sorted(bench.TABLES_DIR.glob('*.yaml')):
+        text = path.read_text(encoding='utf-8')
+        for word in ('shared/', 'seed'):
+            assert word not in text.lower(), f'{path.name} mentions {word!r}'
+        doc = yaml.safe_load(text)
+        for key, source in doc['sources'].items():
+            assert 'github.com/' in source or 'RobustBench' in source, f'{path.name} source {key}: {source}'
+
+
 BAD_FILES = [
     ('not: [valid', 'Cannot read table file'),
     ('- a list', 'a table file is a mapping'),

@@ -73,6 +73,11 @@ def test_config_files_inherit_and_take_overrides(tmp_path):
     assert cfg.model.kwargs == {'depths': [1, 1, 1], 'widths': [1, 1, 1], 'drop_rate': 0.1}
     assert cfg.optim.grad_clip is None
     assert config_from_dict(config_to_dict(cfg)) == cfg
+    # another architecture with the recipe's model arguments left in place is refused, not built silently
+    with pytest.raises(ConfigError, match=r"keeps the recipe's model.kwargs .* Add --set 'model.kwargs=\{\}'"):
+        load_config(tmp_path / 'child.yaml', overrides=['model.name=robust_resnet_a0'])
+    assert load_config(tmp_path / 'child.yaml', overrides=['model.name=robust_resnet_a0', 'model.kwargs={}']) \
+        .model.kwargs == {}
 
 
 def test_shipped_recipes_load_and_match_the_papers():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from typing import List, Optional
 
@@ -43,6 +44,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f'robust-resnets {args.command}: interrupted', file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except (ValueError, OSError, RuntimeError) as e:
         # user-facing failures carry their own explanation: print it, not a traceback
         print(f'robust-resnets {args.command}: error: {e}', file=sys.stderr)

@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--imagenet-subset', default='robustbench', choices=('robustbench', 'all'),
                         help="ImageNet: RobustBench's 5,000 images, or all images found")
     parser.add_argument('--checkpoint', default=None, help='local .safetensors/.pt weights instead of the published')
-    parser.add_argument('--key', default=None, help="with --checkpoint: the entry of a training-state dict to load "
-                                                   "(e.g. state_dict_ema); default: the trained weights")
+    parser.add_argument('--key', default=None, help='with --checkpoint: the entry of a training-state dict to load '
+                                                   "(a trainer's last.pt: state_dict_ema or model); needed when the "
+                                                   'file holds both the trained weights and their EMA')
     parser.add_argument('--random-init', action='store_true', help='evaluate the randomly initialised model (tests)')
     parser.add_argument('--robustbench-id', default=None, help="RobustBench's name for the model, for its reported "
                                                                 'numbers (found automatically for known models)')
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     from robust_resnets.evaluation import evaluate
     from robust_resnets.evaluation.results import parse_eps, result_to_dict, write_json
-    from robust_resnets.evaluation.sources import load_dataset, load_model, weights_entry
+    from robust_resnets.evaluation.sources import check_input_fits, load_dataset, load_model, weights_entry
 
     entry = weights_entry(args.model)
     if args.dataset is None:
@@ -95,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         (4 / 255 if args.dataset == 'imagenet' else 8 / 255))
     norm = args.norm or (entry.threat_model if entry is not None and entry.threat_model else 'Linf')
     step_size = parse_eps(args.step_size) if args.step_size is not None else None
+    if norm == 'Linf' and eps > 1:
+        raise ValueError(f'--eps {args.eps} is larger than the whole [0, 1] pixel range; Linf radii are in pixel '
+                         f'units: did you mean --eps {args.eps}/255?')
     if args.checkpoint is not None and args.random_init:
         raise ValueError('--checkpoint and --random-init exclude each other.')
     if args.key is not None and args.checkpoint is None:
@@ -107,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
     images, labels, preprocessing = load_dataset(args.dataset, data_dir=args.data_dir, n_examples=args.n_examples,
                                                  model=model, imagenet_subset=args.imagenet_subset,
                                                  download=args.download, progress=not args.quiet)
+    check_input_fits(model, images, name=args.model, dataset=args.dataset)
     state = args.state or (f'{args.out}.state.json' if args.out else None)
+    if state and Path(state).exists():
+        print(f'resuming from {state} (attacks finished there are not run again)', file=sys.stderr)
     result = evaluate(model, images, labels, attacks=args.attacks, eps=eps, norm=norm, step_size=step_size,
                       batch_size=args.batch_size, device=device, seed=args.seed, state_path=state,
                       progress=not args.quiet, allow_train_mode=args.allow_train_mode,

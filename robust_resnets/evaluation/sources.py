@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ['DATASETS', 'load_model', 'load_dataset', 'weights_entry']
+__all__ = ['DATASETS', 'load_model', 'load_dataset', 'weights_entry', 'check_input_fits']
 
 #: dataset -> number of classes
 DATASETS = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
@@ -74,8 +74,8 @@ def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = 
     else:
         try:
             cfg = timm.models.get_pretrained_cfg(name)
-        except RuntimeError as e:  # timm: invalid pretrained tag
-            raise ValueError(f'{e} `robust-resnets models` and timm.list_pretrained() list the tags.') from None
+        except RuntimeError:  # timm: invalid pretrained tag
+            raise ValueError(_unknown_tag_message(name)) from None
         if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
             raise ValueError(f"'{name}' has no pretrained weights to load. Name a published tag, pass "
                              f"--checkpoint FILE, or --random-init to test the pipeline.")
@@ -86,28 +86,55 @@ def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = 
     return model.to(device).eval()
 
 
+def _unknown_tag_message(name: str) -> str:
+    import difflib
+
+    import timm
+
+    arch, _, tag = name.partition('.')
+    tags = sorted(t.partition('.')[2] for t in timm.list_pretrained(f'{arch}.*'))
+    close = difflib.get_close_matches(tag, tags, n=1)
+    hint = f" Did you mean '{arch}.{close[0]}'?" if close else ''
+    return (f"'{tag}' is not a pretrained tag of {arch}.{hint} Its tags: {', '.join(tags) or 'none'} "
+            f"(timm.list_pretrained('{arch}.*')).")
+
+
 def _beside_model_args(checkpoint: Path, arch: str) -> Dict[str, Any]:
-    """The ``model_args`` of the timm ``config.json`` beside ``checkpoint`` when it describes ``arch`` (a training
-    run's export, e.g. the quick recipe's small ``preact_resnet``); else none."""
+    """The model arguments a training run saved beside ``checkpoint`` when they describe ``arch``: the
+    ``model_args`` of its export's timm ``config.json``, else (a run still under way: ``last.pt``) the
+    ``model.kwargs`` of its ``train_config.yaml``. None found: no arguments."""
     import json
 
-    config = checkpoint.parent / 'config.json'
-    if not config.is_file():
+    config, recipe = checkpoint.parent / 'config.json', checkpoint.parent / 'train_config.yaml'
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding='utf-8'))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"'{config}' beside the checkpoint is not readable JSON ({e}); fix or remove it.") from None
+        name, args = (data.get('architecture'), data.get('model_args')) if isinstance(data, dict) else (None, None)
+    elif recipe.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(recipe.read_text(encoding='utf-8'))
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"'{recipe}' beside the checkpoint is not readable YAML ({e}); fix or remove it.") from None
+        model = data.get('model') if isinstance(data, dict) else None
+        name, args = (model.get('name'), model.get('kwargs')) if isinstance(model, dict) else (None, None)
+        config = recipe
+    else:
         return {}
-    try:
-        data = json.loads(config.read_text(encoding='utf-8'))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"'{config}' beside the checkpoint is not readable JSON ({e}); fix or remove it.") from None
-    if not isinstance(data, dict) or data.get('architecture') != arch:
+    if name != arch:
         return {}
-    args = data.get('model_args') or {}
+    args = args or {}
     if not isinstance(args, dict):
-        raise ValueError(f"'{config}' beside the checkpoint has model_args {args!r}, not an object; fix or remove it.")
+        raise ValueError(f"'{config}' beside the checkpoint gives the model arguments {args!r}, not a mapping; fix or "
+                         f"remove it.")
     return {k: v for k, v in args.items() if k != 'num_classes'}  # the class count is the dataset's
 
 
 def _load_checkpoint(model: nn.Module, arch: str, path: Path, *, key: Optional[str] = None) -> None:
-    from robust_resnets.weights.convert import family_module, load_original_checkpoint
+    from robust_resnets.weights.convert import family_module, load_original_checkpoint, state_dict_mismatch
 
     raw = load_original_checkpoint(path, key=key)
     try:
@@ -115,10 +142,32 @@ def _load_checkpoint(model: nn.Module, arch: str, path: Path, *, key: Optional[s
     except ValueError:  # a plain timm model: its own state dict layout
         filter_fn = None
     state_dict = filter_fn(raw, model) if filter_fn is not None else raw.get('state_dict', raw)
-    result = model.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f'{path} does not fit {arch}: missing keys {result.missing_keys[:5]}, unexpected keys '
-                           f'{result.unexpected_keys[:5]}. Check the model name and the checkpoint.')
+    mismatch = state_dict_mismatch(state_dict, model)
+    if mismatch:
+        raise RuntimeError(f'{path} does not fit {arch} as built here: {mismatch}. Check the model name, and its '
+                           f'arguments: a training run\'s config.json or train_config.yaml beside the checkpoint '
+                           f'gives them.')
+    model.load_state_dict(state_dict)
+
+
+def check_input_fits(model: nn.Module, images: Tensor, *, name: str, dataset: str) -> None:
+    """Runs one image through ``model``, so that a model built for other inputs fails with a plain message.
+
+    Raises:
+        ValueError: The forward pass fails or does not give one score per class.
+    """
+    x = images[:1].float().div(255).to(next(model.parameters()).device)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        expected = getattr(model, 'pretrained_cfg', {}).get('input_size')
+        raise ValueError(f"{name} does not take {dataset} images ({tuple(x.shape[1:])}): {str(e).splitlines()[0]}. "
+                         f"It expects inputs of {tuple(expected) if expected else 'another size'}; evaluate it on "
+                         f"the dataset it was built for (--dataset).") from None
+    if tuple(out.shape) != (1, DATASETS[dataset]):
+        raise ValueError(f'{name} gives outputs of shape {tuple(out.shape[1:])} on {dataset} images, not '
+                         f'{DATASETS[dataset]} class scores.')
 
 
 def load_dataset(dataset: str, *, data_dir: Union[str, Path], n_examples: Optional[int] = None,

@@ -155,8 +155,9 @@ def strip_checkpoint_wrappers(state_dict: Dict[str, Any]) -> Dict[str, torch.Ten
     ema = [k for k in _EMA_KEYS if _holds_tensors(state_dict.get(k))]
     if trained and ema:
         raise ValueError(f"The checkpoint holds both trained weights ({trained[0]!r}) and their moving average "
-                         f"({ema[0]!r}), so which to load is ambiguous. Pick one: `robust-resnets convert CHECKPOINT "
-                         f"--to NAME --key {ema[0]}` (or --key {trained[0]}), or pass checkpoint[{ema[0]!r}] itself.")
+                         f"({ema[0]!r}), so which to load is ambiguous. Pick one with --key {ema[0]} (or --key "
+                         f"{trained[0]}) of `robust-resnets eval --checkpoint` or `convert`, key= of "
+                         f"load_original_checkpoint, or pass checkpoint[{ema[0]!r}] itself.")
     if trained or ema:
         state_dict = state_dict[(trained + ema)[0]]
     out = {}

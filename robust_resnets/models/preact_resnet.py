@@ -47,7 +47,7 @@ class PreActBasicBlock(nn.Module):
     """Pre-activation basic block of Wide ResNets: BN-act-conv-BN-act-conv plus a shortcut.
 
     The projection shortcut (a strided 1x1 conv, present when the stride or width changes) reads
-    the pre-activated input, as in every WRN of the seed papers.
+    the pre-activated input, as in every WRN of the papers reproduced here.
 
     Args:
         in_chs: Input channels.
@@ -456,7 +456,8 @@ def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
     if any(k.startswith('stem_conv.') or k.startswith('blocks.') for k in keys):
         return 'huang2022'
     raise ValueError('Unrecognised checkpoint layout for a PreActResNet-family model: none of the known key '
-                     f"patterns matched (first keys: {keys[:5]}). Pass layout= one of {sorted(CHECKPOINT_LAYOUTS)}.")
+                     f"patterns matched (first keys: {keys[:5]}). If it is one of {sorted(CHECKPOINT_LAYOUTS)}, "
+                     f"force it: `robust-resnets convert --layout NAME`, or layout= of checkpoint_filter_fn.")
 
 
 def checkpoint_filter_fn(

@@ -570,7 +570,7 @@ def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[st
 
     Keys are checked against :class:`TrainConfig`; ``model.kwargs.<name>=value`` sets a model argument.
     """
-    values = _merge({}, values)
+    before, values = values, _merge({}, values)
     for item in overrides:
         key, value = _parse_override(item)
         parts = key.split('.')
@@ -600,7 +600,20 @@ def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[st
                     raise ConfigError(f"'{path}' is not a mapping; cannot set '{key}'.")
             node[part] = dict(child)
             node = node[part]
+    _refuse_kept_model_kwargs(before, values, [_parse_override(item)[0] for item in overrides])
     return values
+
+
+def _refuse_kept_model_kwargs(before: Dict[str, Any], after: Dict[str, Any], keys: Sequence[str]) -> None:
+    """Another ``model.name`` with the recipe's ``model.kwargs`` left in place would build the new architecture
+    with arguments written for the old one: the overrides must say which arguments to use."""
+    old, new = (before.get('model') or {}), (after.get('model') or {})
+    kwargs_set = any(k == 'model.kwargs' or k.startswith('model.kwargs.') for k in keys)
+    if new.get('name') != old.get('name') and old.get('kwargs') and not kwargs_set:
+        raise ConfigError(f"--set model.name={new.get('name')} keeps the recipe's model.kwargs {old['kwargs']}, "
+                          f"written for {old.get('name')}. Add --set 'model.kwargs={{}}' to build "
+                          f"{new.get('name')} as registered, or set the arguments you want "
+                          f"(--set model.kwargs.NAME=VALUE).")
 
 
 def list_builtin_configs() -> List[str]:

@@ -147,18 +147,20 @@ def holdout_split(n: int, data_cfg: DataConfig, eval_cfg: EvalConfig) -> Tuple[T
     return hold, rest if data_cfg.train_subset is None else rest[:data_cfg.train_subset]
 
 
-def load_training_data(data_cfg: DataConfig, eval_cfg: EvalConfig) -> TrainingData:
+def load_training_data(data_cfg: DataConfig, eval_cfg: EvalConfig, *, progress: bool = False) -> TrainingData:
     """Loads CIFAR as tensors, holds out ``data.holdout`` training images (a fixed random subset) and
-    loads the generated data, as the config says."""
+    loads the generated data, as the config says; ``progress`` shows a bar while images are decoded."""
     from robust_resnets.data.cifar import CIFAR_DATASETS, load_cifar_tensors
 
     if not data_cfg.root:
         raise ValueError("data.root is not set: point it at CIFAR, e.g. --set data.root=DATA/"
                          "cifar10-jpeg.tar.gz (or a folder with torchvision's CIFAR files).")
-    images, labels = load_cifar_tensors(root=data_cfg.root, dataset=data_cfg.dataset, split='train')
+    images, labels = load_cifar_tensors(root=data_cfg.root, dataset=data_cfg.dataset, split='train',
+                                        progress=progress)
     hold, rest = holdout_split(images.shape[0], data_cfg, eval_cfg)
     if eval_cfg.split == 'test':
-        eval_images, eval_labels = load_cifar_tensors(root=data_cfg.root, dataset=data_cfg.dataset, split='test')
+        eval_images, eval_labels = load_cifar_tensors(root=data_cfg.root, dataset=data_cfg.dataset, split='test',
+                                                      progress=progress)
     else:
         eval_images, eval_labels = images[hold], labels[hold]
     generated = load_generated(data_cfg.generated) if data_cfg.generated else (None, None)

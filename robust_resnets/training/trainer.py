@@ -452,10 +452,10 @@ def _build_mixer(cfg: TrainConfig, num_classes: int, per_rank_batch: int):
                  num_classes=num_classes)
 
 
-def _load_data(cfg: TrainConfig) -> Union[TrainingData, ImageFolderTrainingData]:
+def _load_data(cfg: TrainConfig, *, progress: bool) -> Union[TrainingData, ImageFolderTrainingData]:
     if cfg.data.dataset == 'imagenet':
         return load_imagenet_training_data(cfg.data, cfg.eval)
-    return load_training_data(cfg.data, cfg.eval)
+    return load_training_data(cfg.data, cfg.eval, progress=progress)
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[TrainingData, ImageFolderTrainingData]],
@@ -490,7 +490,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         if d.enabled and not d.main:
             dist.barrier()  # rank 0 decodes the images and fills the cache first; the others read the cache
         try:
-            data = _load_data(cfg)
+            data = _load_data(cfg, progress=d.main and cfg.run.progress)
         finally:  # on an error too: the others then meet it themselves
             if d.enabled and d.main:
                 dist.barrier()

@@ -24,7 +24,7 @@ from . import manifest as _manifest
 from .manifest import PretrainedWeights, get_weights
 
 __all__ = ['ConversionResult', 'load_original_checkpoint', 'family_module', 'convert_checkpoint', 'model_card',
-           'save_safetensors']
+           'save_safetensors', 'state_dict_mismatch']
 
 OUTPUT_FILES = ('model.safetensors', 'config.json', 'README.md')
 #: Storage dtypes of ``convert_checkpoint(dtype=...)``: parameters are cast; buffers (normalisation statistics,
@@ -89,6 +89,10 @@ def load_original_checkpoint(path: os.PathLike, *, key: Optional[str] = None) ->
             choices = sorted(k for k, v in obj.items() if isinstance(k, str) and isinstance(v, dict))
             raise ValueError(f'{path} has no state dict under {key!r}; its dict entries are {choices}.')
         obj = obj[key]
+    if not any(torch.is_tensor(v) or (isinstance(v, dict) and any(torch.is_tensor(t) for t in v.values()))
+               for v in obj.values()):
+        raise ValueError(f'{path} holds no tensors (its top-level keys: {_first_lines([str(k) for k in obj], 5)}), '
+                         f'so it is not a model checkpoint. Check the file.')
     return obj
 
 
@@ -119,6 +123,24 @@ def _first_lines(keys: List[str], n: int = 8) -> str:
     return ', '.join(keys[:n]) + (f' ... ({len(keys)} in all)' if len(keys) > n else '')
 
 
+def state_dict_mismatch(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Optional[str]:
+    """What keeps ``state_dict`` from loading into ``model`` (missing and unexpected keys, shape mismatches, a
+    few of each), or None when it fits."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape))
+    parts = []
+    if missing:
+        parts.append(f'missing keys: {_first_lines(missing)}')
+    if unexpected:
+        parts.append(f'unexpected keys: {_first_lines(unexpected)}')
+    if wrong:
+        parts.append('shape mismatches (checkpoint vs model): ' + _first_lines(
+            [f'{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}' for k in wrong], 4))
+    return '; '.join(parts) or None
+
+
 def _detect_layout(module: ModuleType, raw: Dict[str, Any]) -> str:
     """Names the checkpoint's layout for the record; the family's filter does its own unwrapping and detection."""
     candidates = [raw] + [v for v in raw.values() if isinstance(v, dict)]
@@ -143,23 +165,12 @@ def _map_and_load(raw: Dict[str, Any], weights: PretrainedWeights,
                               **weights.model_args)
     detected = layout or _detect_layout(module, raw)
     state_dict = module.checkpoint_filter_fn(raw, model, layout=layout)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f'missing keys: {_first_lines(missing)}')
-        if unexpected:
-            parts.append(f'unexpected keys: {_first_lines(unexpected)}')
-        if wrong:
-            parts.append('shape mismatches: ' + _first_lines(
-                [f'{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}' for k in wrong]))
+    mismatch = state_dict_mismatch(state_dict, model)
+    if mismatch:
         raise RuntimeError(
             f"The checkpoint does not fit {weights.name} ({weights.architecture}, {weights.num_classes} classes, "
-            f"model_args={dict(weights.model_args)}; layout {detected}): " + '; '.join(parts) +
-            '. Check that --to names the right architecture and dataset, or force the key layout with --layout.')
+            f"model_args={dict(weights.model_args)}; layout {detected}): {mismatch}. Check that --to names the "
+            f"right architecture and dataset, or force the key layout with --layout.")
     model.load_state_dict(state_dict, strict=True)
     return model.eval(), detected
 

@@ -92,7 +92,9 @@ def download_weights(weights: PretrainedWeights, *, cache_dir: Optional[Union[st
     try:
         path = Path(hf_hub_download(**kwargs))
     except LocalEntryNotFoundError as e:
-        where = cache_dir or 'the default Hugging Face cache'
+        from huggingface_hub import constants
+
+        where = f'the Hugging Face cache {cache_dir or constants.HF_HUB_CACHE}'
         if offline:
             raise RuntimeError(
                 f'{weights.name}: HF_HUB_OFFLINE is set and {weights.hf_hub_id}/{weights.hf_filename} is not in '
