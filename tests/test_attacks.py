@@ -200,3 +200,65 @@ def test_gaussian_start_has_the_given_std_and_stays_in_budget():
     assert (wide - x).abs().max() <= 8 / 255 + 1e-6 and wide.min() >= 0 and wide.max() <= 1
     with pytest.raises(ValueError, match='init_std'):
         pgd_attack(model, x, y, eps=8 / 255, steps=1, step_size=0.01, init_std=0.0)
+
+
+@pytest.mark.parametrize('norm', ['Linf', 'L2', 'L1'])
+def test_custom_autoattack_runs_the_standard_settings_of_the_attacks_it_names(norm):
+    from pyautoattack import AutoAttack
+
+    from robust_resnets.attacks.autoattack import autoattack_settings, build_autoattack
+
+    model = tiny_cnn()
+    standard = autoattack_settings(build_autoattack(model, eps=0.1, norm=norm, version='standard'))
+    custom = autoattack_settings(build_autoattack(model, eps=0.1, norm=norm, version='custom',
+                                                  attacks=['square', 'apgd-ce', 'apgd-t']))
+    assert custom['version'] == 'custom' and custom['attacks'] == ['square', 'apgd-ce', 'apgd-t']
+    assert custom['per_attack'] == {a: standard['per_attack'][a] for a in ('square', 'apgd-ce', 'apgd-t')}
+    # read from pyautoattack's own standard adversary, not from our code
+    library = AutoAttack(model, eps=0.1, norm=norm, version='standard')
+    assert custom['per_attack']['apgd-ce']['n_restarts'] == library.apgd.n_restarts
+    assert custom['per_attack']['apgd-t']['n_target_classes'] == library.apgd_targeted.n_target_classes
+    assert custom['per_attack']['square']['n_queries'] == library.square.n_queries
+    if norm != 'L1':  # the walkthrough's bug: pyautoattack's own 'custom' gives APGD-CE five restarts
+        assert custom['per_attack']['apgd-ce']['n_restarts'] == 1
+        assert AutoAttack(model, eps=0.1, norm=norm, version='custom', attacks=['apgd-ce']).apgd.n_restarts == 5
+    # APGD-DLR and FAB, not in standard, share the settings of APGD-CE and FAB-T
+    more = autoattack_settings(build_autoattack(model, eps=0.1, norm=norm, version='custom',
+                                                attacks=['apgd-dlr', 'fab']))['per_attack']
+    assert more['apgd-dlr'] == standard['per_attack']['apgd-ce']
+    assert more['fab'] == {k: v for k, v in standard['per_attack']['fab-t'].items() if k != 'n_target_classes'}
+
+
+def test_autoattack_settings_are_what_each_attack_runs_with():
+    """The settings read before a run equal those each attack object holds when AutoAttack calls it."""
+    from robust_resnets.attacks.autoattack import autoattack_settings, build_autoattack, iter_autoattack
+
+    model = tiny_cnn()
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)  # all classified correctly
+    for version in ('standard', 'plus', 'rand'):
+        adversary = build_autoattack(model, eps=8 / 255, version=version)
+        adversary.apgd.n_iter = 7  # a changed setting is read back, not a constant
+        expected = autoattack_settings(adversary)
+        assert expected['per_attack']['apgd-ce']['n_iter'] == 7
+        seen = {}
+
+        def spy(attack_name, obj, keys):
+            def perturb(x_, y_):
+                seen[attack_name()] = {k: getattr(obj, k) for k in keys}
+                return x_  # no attack: every example stays robust, so every attack runs
+            return perturb
+
+        apgd_keys, fab_keys = ('n_iter', 'n_restarts', 'eot_iter', 'use_largereps'), ('n_iter', 'n_restarts')
+        adversary.apgd.perturb = spy(lambda: f'apgd-{adversary.apgd.loss}', adversary.apgd, apgd_keys)
+        adversary.apgd_targeted.perturb = spy(lambda: 'apgd-t', adversary.apgd_targeted,
+                                              apgd_keys + ('n_target_classes',))
+        adversary.fab.perturb = spy(lambda: 'fab-t' if adversary.fab.targeted else 'fab', adversary.fab,
+                                    fab_keys + ('n_target_classes',))
+        adversary.square.perturb = spy(lambda: 'square', adversary.square, ('n_queries', 'n_restarts'))
+        for _ in iter_autoattack(adversary, x, y, torch.ones(3, dtype=torch.bool), batch_size=3):
+            pass
+        assert list(seen) == expected['attacks']
+        for attack, settings_ in expected['per_attack'].items():
+            assert {k: seen[attack][k] for k in settings_} == settings_, (version, attack)

@@ -4,12 +4,13 @@ AutoAttack runs its attacks one after another, each on the examples that are sti
 correctly. :func:`iter_autoattack` does the same, one attack and one batch at a time, so that a
 caller can show progress and save a resumable state between batches; :func:`autoattack_attack`
 is the one-call form. With the same seed and batch size the adversarial examples equal those of
-``AutoAttack.run_standard_evaluation``.
+``AutoAttack.run_standard_evaluation``. :func:`autoattack_settings` reads back the settings each
+attack of a configured adversary runs with, for results files.
 """
 from __future__ import annotations
 
 import logging
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,7 @@ from torch import Tensor
 
 __all__ = [
     'AUTOATTACK_VERSIONS', 'AUTOATTACK_ATTACKS', 'AUTOATTACK_NORMS',
-    'build_autoattack', 'iter_autoattack', 'autoattack_attack',
+    'build_autoattack', 'autoattack_settings', 'iter_autoattack', 'autoattack_attack',
 ]
 
 AUTOATTACK_VERSIONS = ('standard', 'plus', 'rand', 'custom')
@@ -30,12 +31,17 @@ def build_autoattack(model: nn.Module, *, eps: float, norm: str = 'Linf', versio
                      device: Union[str, torch.device, None] = None):
     """Returns a configured ``pyautoattack.AutoAttack``; its ``attacks_to_run`` lists the attacks in order.
 
+    A 'custom' version runs the attacks it names with the settings AutoAttack standard gives them for
+    the norm (iterations, restarts, target classes, queries), so that e.g. ``['apgd-ce', 'apgd-t']``
+    runs standard's first two attacks; APGD-DLR and FAB, which standard does not run, share the
+    settings of APGD-CE and FAB-T (for Linf and L2 one restart, where 'plus' gives them five).
+
     Args:
         model: Classifier taking [0, 1] images, returning logits.
         eps: Radius of the threat model ball.
         norm: 'Linf', 'L2' or 'L1'.
         version: 'standard', 'plus', 'rand' (for randomised defences, EOT), or 'custom' with ``attacks``.
-        attacks: The attacks of a 'custom' version, from :data:`AUTOATTACK_ATTACKS`.
+        attacks: The attacks of a 'custom' version, from :data:`AUTOATTACK_ATTACKS`, in the order to run.
         seed: Seed of every attack's random draws; None draws from the clock (not repeatable).
         device: Where the attacks run (default: the device of the model's parameters).
     """
@@ -55,10 +61,48 @@ def build_autoattack(model: nn.Module, *, eps: float, norm: str = 'Linf', versio
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device('cpu')
-    adversary = AutoAttack(model, attacks=list(attacks) if attacks else None, device=device, eps=eps, norm=norm,
-                           seed=seed, version=version)
+    # pyautoattack's own 'custom' keeps its constructor defaults (5 restarts for APGD and FAB), not
+    # standard's; so a custom list starts from the standard version and then runs only the named attacks
+    adversary = AutoAttack(model, device=device, eps=eps, norm=norm, seed=seed,
+                           version='standard' if version == 'custom' else version)
+    if version == 'custom':
+        adversary.attacks_to_run = list(attacks)
+        adversary.version = 'custom'
     adversary.verbose = False
     return adversary
+
+
+def autoattack_settings(adversary) -> Dict[str, Any]:
+    """The settings a configured adversary runs with, read from it, as a JSON-ready dict.
+
+    Args:
+        adversary: From :func:`build_autoattack`, before it has run.
+
+    Returns:
+        ``version``, ``attacks`` (in order) and ``per_attack``: for each attack its ``n_iter`` and
+        ``n_restarts``, plus ``eot_iter`` and ``use_largereps`` (APGD), ``n_target_classes``
+        (targeted attacks) or ``n_queries`` (Square).
+    """
+    per_attack: Dict[str, Dict[str, Any]] = {}
+    for attack in adversary.attacks_to_run:
+        if attack in ('apgd-ce', 'apgd-dlr', 'apgd-t'):
+            apgd = adversary.apgd_targeted if attack == 'apgd-t' else adversary.apgd
+            out = {'n_iter': apgd.n_iter, 'n_restarts': apgd.n_restarts, 'eot_iter': apgd.eot_iter,
+                   'use_largereps': apgd.use_largereps}
+            if attack == 'apgd-t':
+                out['n_target_classes'] = apgd.n_target_classes
+        elif attack in ('fab', 'fab-t'):
+            fab = adversary.fab
+            out = {'n_iter': fab.n_iter, 'n_restarts': fab.n_restarts}
+            if attack == 'fab-t':
+                out['n_restarts'] = 1  # run_standard_evaluation sets fab.n_restarts = 1 before FAB-T, whatever it was
+                out['n_target_classes'] = fab.n_target_classes
+        elif attack == 'square':
+            out = {'n_queries': adversary.square.n_queries, 'n_restarts': adversary.square.n_restarts}
+        else:
+            raise ValueError(f"Unknown AutoAttack attack '{attack}'; expected one of {AUTOATTACK_ATTACKS}.")
+        per_attack[attack] = {k: (v if isinstance(v, bool) else int(v)) for k, v in out.items()}
+    return {'version': adversary.version, 'attacks': list(adversary.attacks_to_run), 'per_attack': per_attack}
 
 
 def iter_autoattack(

@@ -6,8 +6,13 @@ Names (case-insensitive):
 * ``fgsm``: one step of length eps.
 * ``pgd<K>`` / ``cw<K>``: K steps of PGD on cross-entropy / on the CW margin loss, with a random
   start; ``pgd<K>r<R>`` adds R restarts (``pgd50r10``), ``pgd<K>n`` drops the random start.
-* ``aa``: AutoAttack standard; ``aa-plus``, ``aa-rand``; ``aa:<attack>+<attack>...`` a custom list
-  (``aa:apgd-ce+square``).
+* ``aa``: AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square); ``aa-plus``; ``aa-rand`` (for
+  randomised defences: APGD-CE and APGD-DLR with EOT).
+* ``aa:<attack>+<attack>...``: the named AutoAttack attacks, in that order (``aa:apgd-ce+apgd-t``),
+  each with the settings AutoAttack standard gives it for the norm: ``aa:apgd-ce`` is standard's
+  first attack (for Linf and L2 one restart, not pyautoattack's custom default of five). APGD-DLR
+  and FAB, which standard does not run, share APGD-CE's and FAB-T's settings. Attacks: apgd-ce,
+  apgd-dlr, apgd-t, fab, fab-t, square.
 """
 from __future__ import annotations
 
@@ -41,6 +46,9 @@ class AttackSpec:
         random_start: Whether pgd/cw start from a random point of the ball.
         version: AutoAttack version.
         attacks: AutoAttack's attacks, in order (custom version; filled in for the others by the evaluation).
+        per_attack: AutoAttack: each attack's settings as its configured adversary runs it (n_iter,
+            n_restarts, ...; see :func:`~robust_resnets.attacks.autoattack.autoattack_settings`), filled
+            in by the evaluation.
     """
 
     name: str
@@ -53,6 +61,7 @@ class AttackSpec:
     random_start: bool = False
     version: Optional[str] = None
     attacks: Tuple[str, ...] = ()
+    per_attack: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict, hash=False)
 
     @property
     def needs_gradients(self) -> bool:
@@ -64,7 +73,8 @@ class AttackSpec:
             return {'kind': 'clean'}
         out: Dict[str, Any] = {'kind': self.kind, 'eps': self.eps, 'norm': self.norm}
         if self.kind == 'autoattack':
-            out.update(version=self.version, attacks=list(self.attacks))
+            out.update(version=self.version, attacks=list(self.attacks),
+                       per_attack={a: dict(v) for a, v in self.per_attack.items()})
         else:
             out.update(steps=self.steps, step_size=self.step_size)
         if self.kind in ('pgd', 'cw'):

@@ -12,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         'eval', help='evaluate clean and adversarial accuracy (PGD, CW, AutoAttack)',
         description='Evaluate a model under attacks, RobustBench-style: clean accuracy, each attack, and the '
                     'per-example worst case. Attacks: clean, fgsm, pgd<K>[r<R>], cw<K>[r<R>], aa, aa-plus, '
-                    'aa-rand, aa:<attack>+<attack> (e.g. aa:apgd-ce+apgd-t).')
+                    'aa-rand, aa:<attack>+<attack> (the named AutoAttack attacks with standard\'s settings, e.g. '
+                    'aa:apgd-ce+apgd-t).')
     parser.add_argument('model', help='model name with optional tag (robust_resnet_a1.cifar10_trades), or any timm '
                                       'model name (with --checkpoint or --random-init)')
     parser.add_argument('--dataset', default=None, choices=('cifar10', 'cifar100', 'imagenet'),

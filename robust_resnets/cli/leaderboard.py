@@ -8,7 +8,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         'leaderboard', help='render results JSON files as a Markdown/HTML leaderboard',
         description='Render results files written by `robust-resnets eval --out` as one table, with the clean and '
-                    'AutoAttack accuracy RobustBench reports for the same models.')
+                    'AutoAttack accuracy RobustBench reports for the same models. Every attack of a file is shown: '
+                    'the AutoAttack column is standard AutoAttack (aa), as RobustBench reports it; other AutoAttack '
+                    'runs (aa-plus, aa-rand, aa:<attack>+...) are in the attacks column with PGD, CW and FGSM, and '
+                    'the worst case is per example over all of them.')
     parser.add_argument('results', nargs='+', help='results JSON files')
     parser.add_argument('--format', choices=('markdown', 'html'), default=None,
                         help='default: from --out (.html -> html), else markdown')

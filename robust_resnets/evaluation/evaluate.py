@@ -22,14 +22,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..attacks.autoattack import build_autoattack, iter_autoattack
+from ..attacks.autoattack import autoattack_settings, build_autoattack, iter_autoattack
 from ..attacks.pgd import pgd_attack
 from ..attacks.spec import DEFAULT_ATTACKS, AttackSpec, parse_attack, parse_attacks
 from ..files import write_text
 
 __all__ = ['evaluate', 'EvaluationResult', 'AttackResult', 'GradientMaskingWarning']
 
-STATE_VERSION = 2  # 2: the fingerprint holds a digest of the weights
+STATE_VERSION = 3  # 2: the fingerprint holds a digest of the weights; 3: and AutoAttack's per-attack settings
 
 
 class GradientMaskingWarning(UserWarning):
@@ -351,6 +351,12 @@ def evaluate(
     n = images.shape[0]
     images, labels = images.to(device), labels.to(device=device, dtype=torch.int64)
     _check_deterministic(model, _as_input(images[:8]), allow_randomized)
+    # AutoAttack's adversaries are configured up front, so that their settings are in the specs (and the fingerprint)
+    adversaries = {s.name: build_autoattack(model, eps=s.eps, norm=s.norm, version=s.version,
+                                            attacks=list(s.attacks) if s.version == 'custom' else None, seed=seed,
+                                            device=device)
+                   for s in specs if s.kind == 'autoattack'}
+    specs = tuple(_with_autoattack_settings(s, adversaries[s.name]) if s.name in adversaries else s for s in specs)
     if batch_size is None:
         batch_size = _auto_batch_size(model, images, n, device)
     elif batch_size < 1:
@@ -401,13 +407,11 @@ def evaluate(
                 state.save(force=force)
 
             if spec.kind == 'autoattack':
-                spec = _run_autoattack(model, images, labels, spec, correct, components, seed, runner, entry, save)
+                _run_autoattack(model, adversaries[spec.name], images, labels, spec, correct, components, runner, save)
             else:
                 _run_gradient_attack(model, images, labels, spec, correct, candidates, seed, runner, entry, save)
             entry['complete'] = True
             save(force=True)
-        elif spec.kind == 'autoattack':
-            spec = dataclasses.replace(spec, attacks=tuple(components))
         results[spec.name] = AttackResult(spec, correct.cpu(), seconds=time.perf_counter() - t0,
                                           components=components)
 
@@ -456,13 +460,17 @@ def _run_gradient_attack(model, images, labels, spec: AttackSpec, correct: Tenso
     runner.over(candidates, batch, desc=spec.name, start=int(entry.get('done', 0)), on_done=save)
 
 
-def _run_autoattack(model, images, labels, spec: AttackSpec, correct: Tensor, components: Dict[str, float],
-                    seed: int, runner: _Runner, entry: Dict[str, Any], save) -> AttackSpec:
+def _with_autoattack_settings(spec: AttackSpec, adversary) -> AttackSpec:
+    """The spec with the version, attacks and per-attack settings the configured adversary runs."""
+    effective = autoattack_settings(adversary)
+    return dataclasses.replace(spec, version=effective['version'], attacks=tuple(effective['attacks']),
+                               per_attack=effective['per_attack'])
+
+
+def _run_autoattack(model, adversary, images, labels, spec: AttackSpec, correct: Tensor, components: Dict[str, float],
+                    runner: _Runner, save) -> None:
     from tqdm.auto import tqdm
 
-    adversary = build_autoattack(model, eps=spec.eps, norm=spec.norm, version=spec.version,
-                                 attacks=list(spec.attacks) or None, seed=seed, device=images.device)
-    spec = dataclasses.replace(spec, attacks=tuple(adversary.attacks_to_run))
     n = images.shape[0]
     bar = None
     for attack, idx, adv in iter_autoattack(adversary, images, labels, correct, batch_size=runner.batch_size,
@@ -484,7 +492,6 @@ def _run_autoattack(model, images, labels, spec: AttackSpec, correct: Tensor, co
             correct[idx] &= model(adv).argmax(1) == labels[idx]
         bar.update(idx.numel())
         save()
-    return spec
 
 
 def _check_masking(result: EvaluationResult, warn: Callable[[str], None]) -> None:

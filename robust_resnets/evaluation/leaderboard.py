@@ -11,6 +11,12 @@ __all__ = ['leaderboard_rows', 'render_markdown', 'render_html']
 
 COLUMNS = ('model', 'dataset', 'threat model', 'n', 'clean', 'attacks', 'worst case', 'AutoAttack',
            'RobustBench clean', 'RobustBench AA', 'delta AA')
+#: What the columns mean, printed under the table.
+NOTE = ("Accuracies in %. attacks: every attack run other than clean and standard AutoAttack, by its name (custom "
+        "AutoAttack lists as aa:<attack>+..., aa-plus, aa-rand). worst case: per example, correct under every attack "
+        "in the attacks and AutoAttack columns, so it can be below each of them. AutoAttack: the standard version "
+        "(aa), the one RobustBench reports. RobustBench columns: RobustBench's numbers for the same model; "
+        "delta AA = ours - RobustBench, in points.")
 
 
 def _pct(x) -> str:
@@ -28,20 +34,22 @@ def leaderboard_rows(paths: Sequence[Union[str, Path]]) -> List[Dict[str, str]]:
     """One row per results file, sorted by dataset, norm, eps, then worst-case accuracy (best first).
 
     The model column names the checkpoint file, or says "random init", when the weights are not a
-    pretrained tag's.
+    pretrained tag's. Every attack of a file is shown: the AutoAttack column holds standard
+    AutoAttack, and the attacks column every other attack (other AutoAttack versions and custom lists
+    included) as "name accuracy", so that the worst case is over the attacks the row shows.
     """
     rows = []
     for path in paths:
         data = read_results(path)
-        aa = [a for a in data['attacks'].values()
-              if a['settings'].get('kind') == 'autoattack' and a['settings'].get('version') == 'standard']
+        standard = [name for name, a in data['attacks'].items()
+                    if a['settings'].get('kind') == 'autoattack' and a['settings'].get('version') == 'standard']
         others = ', '.join(f'{name} {_pct(a["accuracy"])}' for name, a in data['attacks'].items()
-                           if name != 'clean' and a['settings'].get('kind') != 'autoattack')
+                           if a['settings'].get('kind') != 'clean' and name not in standard[:1])
         reported = data.get('robustbench_reported') or {}
         if reported.get('eps') != data['threat_model']['eps_text']:
             reported = {}  # reported at another radius: not comparable
         rb_aa = float(reported['autoattack_acc']) if reported.get('autoattack_acc') else None
-        aa_acc = aa[0]['accuracy'] if aa else None
+        aa_acc = data['attacks'][standard[0]]['accuracy'] if standard else None
         rows.append({
             'model': data['model']['name'] + _weights_note(data),
             'dataset': data['data']['dataset'],
@@ -64,19 +72,18 @@ def leaderboard_rows(paths: Sequence[Union[str, Path]]) -> List[Dict[str, str]]:
 
 
 def render_markdown(rows: List[Dict[str, Any]]) -> str:
-    """A Markdown table (accuracies in %; 'delta AA' is ours minus RobustBench's, in points)."""
+    """A Markdown table, followed by what its columns mean."""
     lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '|'.join('---' for _ in COLUMNS) + '|']
     lines += ['| ' + ' | '.join(r[c].replace('|', '\\|') for c in COLUMNS) + ' |' for r in rows]
-    return '\n'.join(lines) + '\n'
+    return '\n'.join(lines) + '\n\n' + NOTE + '\n'
 
 
 def render_html(rows: List[Dict[str, Any]], *, title: str = 'robust-resnets leaderboard') -> str:
-    """A standalone HTML page with the same table."""
+    """A standalone HTML page with the same table and note."""
     head = ''.join(f'<th>{html.escape(c)}</th>' for c in COLUMNS)
     body = '\n'.join('<tr>' + ''.join(f'<td>{html.escape(r[c])}</td>' for c in COLUMNS) + '</tr>' for r in rows)
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
             '<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}'
             'td:first-child{text-align:left}</style></head>\n'
-            f'<body><h1>{html.escape(title)}</h1>\n<p>Accuracies in %. RobustBench columns: the numbers RobustBench '
-            f'reports for the same model; delta AA = ours - RobustBench.</p>\n'
+            f'<body><h1>{html.escape(title)}</h1>\n<p>{html.escape(NOTE)}</p>\n'
             f'<table><thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody></table></body></html>\n')

@@ -1,7 +1,8 @@
 """Results files: our JSON schema for an evaluation, with a RobustBench ``model_info`` entry inside.
 
 A results file holds the model, data and threat model, every attack with its settings, accuracy
-and time, the per-example worst case, the run's environment, and under ``"robustbench"`` an entry in
+and time (for AutoAttack: its version, attacks in order, and per attack the iterations, restarts,
+target classes or queries its adversary was configured with), the per-example worst case, the run's environment, and under ``"robustbench"`` an entry in
 RobustBench's ``model_info`` format (its field names; accuracies as percent strings with two
 decimals, eps as RobustBench writes it, e.g. "8/255").
 """
