@@ -88,17 +88,65 @@ def test_shipped_recipes_load_and_match_the_papers():
     assert {'score_wrn_28_10', 'score_wrn_70_16', 'quick_cifar10'} <= set(names)
     for name in names:
         load_config(name)
-    huang = load_config('rrn_a2_mart')
-    assert (huang.model.name, huang.objective.name, huang.objective.beta) == ('robust_resnet_a2', 'mart', 6.0)
-    assert (huang.run.epochs, huang.run.batch_size, huang.optim.lr, huang.optim.weight_decay) == (100, 128, 0.1, 2e-4)
-    assert (huang.schedule.milestones, huang.optim.grad_clip, huang.objective.attack_bn) == ([75, 90], 5.0, 'eval')
-    assert load_config('rrn_a1_sat').objective.name == 'pgd_at'
-    score = load_config('score_wrn_28_10')
-    assert (score.objective.name, score.objective.label_smoothing, score.data.generated_fraction) == ('score', 0.0, 0.7)
-    assert (score.ema.enabled, score.ema.decay, score.run.batch_size, score.optim.lr) == (True, 0.995, 512, 0.2)
-    advanced = load_config('rrn_a3_advanced')
-    assert (advanced.objective.label_smoothing, advanced.objective.bn_update, advanced.model.kwargs) == \
-        (0.1, 'adversarial', {'activations': 'SiLU'})
+    for name, expected in _paper_recipes(names):
+        cfg = load_config(name)
+        wrong = {key: (_dotted(cfg, key), value) for key, value in expected.items()
+                 if not (math.isclose(_dotted(cfg, key), value, rel_tol=1e-9) if isinstance(value, float)
+                         else _dotted(cfg, key) == value)}
+        assert not wrong, f'{name}: (ours, paper) {wrong}'
+
+
+def _dotted(cfg, key):
+    for part in key.split('.'):
+        cfg = cfg[part] if isinstance(cfg, dict) else getattr(cfg, part)
+    return list(cfg) if isinstance(cfg, tuple) else cfg
+
+
+def _paper_recipes(names):
+    """(recipe, {dotted field: the paper's value}), transcribed from the authors' code and READMEs: Huang et al.
+    2022 (configs/, main_dist.py, core/losses; README "advanced"), SCORE (train-wa.py and its parser) and
+    Singh et al. 2023 (main.py, parserr.py, run_train.sh, README table of epochs)."""
+    huang = {'run.epochs': 100, 'run.batch_size': 128, 'optim.lr': 0.1, 'optim.momentum': 0.9, 'optim.nesterov': False,
+             'optim.weight_decay': 2e-4, 'optim.no_weight_decay': 'none', 'optim.grad_clip': 5.0,
+             'schedule.name': 'multistep', 'schedule.milestones': [75, 90], 'schedule.gamma': 0.1,
+             'ema.enabled': False, 'attack.eps': 8 / 255, 'attack.step_size': 2 / 255, 'attack.steps': 10,
+             'attack.random_start': True, 'objective.attack_bn': 'eval', 'objective.bn_update': 'all',
+             'objective.label_smoothing': 0.0, 'eval.pgd_steps': 20, 'eval.pgd_step_size': 0.8 / 255,
+             'data.dataset': 'cifar10', 'data.rotation': 0}
+    objectives = {'trades': {'objective.name': 'trades', 'objective.beta': 6.0, 'attack.init_std': 0.001},
+                  'sat': {'objective.name': 'pgd_at', 'attack.init_std': 2 / 255},
+                  'mart': {'objective.name': 'mart', 'objective.beta': 6.0, 'attack.init_std': 2 / 255}}
+    wa = {'optim.momentum': 0.9, 'optim.nesterov': True, 'optim.weight_decay': 5e-4, 'optim.no_weight_decay': 'norm',
+          'optim.grad_clip': None, 'schedule.name': 'onecycle', 'schedule.pct_start': 0.025, 'ema.enabled': True,
+          'ema.decay': 0.995, 'ema.warmup_epochs': 10, 'run.epochs': 400, 'run.bn_momentum': 0.01,
+          'data.generated_fraction': 0.7, 'attack.eps': 8 / 255, 'attack.step_size': 2 / 255, 'attack.steps': 10,
+          'objective.attack_bn': 'train'}
+    advanced = {**wa, 'objective.name': 'trades', 'objective.beta': 6.0, 'objective.label_smoothing': 0.1,
+                'objective.bn_update': 'adversarial', 'optim.lr': 0.4, 'run.batch_size': 1024,
+                'model.kwargs': {'activations': 'SiLU'}}
+    score = {**wa, 'objective.name': 'score', 'objective.beta': 3.0, 'objective.label_smoothing': 0.0,
+             'objective.clip_value': 0.0, 'objective.bn_update': 'all'}
+    singh = {'optim.name': 'adamw', 'optim.lr': 1e-3, 'optim.betas': [0.9, 0.95], 'optim.weight_decay': 0.05,
+             'schedule.name': 'cosine', 'schedule.warmup_start': 1e-4, 'schedule.min_lr': 5e-6, 'ema.enabled': True,
+             'ema.decay': 0.9999, 'ema.warmup_epochs': 0, 'attack.name': 'apgd', 'attack.eps': 4 / 255,
+             'attack.steps': 2, 'attack.random_start': False, 'objective.name': 'pgd_at', 'objective.attack_bn': 'eval',
+             'objective.label_smoothing': 0.1, 'data.mixup_alpha': 0.8, 'data.cutmix_alpha': 1.0,
+             'data.mixup_prob': 1.0, 'data.mixup_switch_prob': 0.5, 'data.randaugment': 'rand-m9-mstd0.5-inc1',
+             'data.random_erasing': 0.25, 'data.scale': [0.08, 1.0], 'data.interpolation': 'bicubic',
+             'data.image_size': 224}
+    singh_epochs = {'convnext_t': 300, 'convnext_iso': 300, 'vit_s': 300, 'vit_b': 250, 'convnext_b': 250,
+                    'convnext_l': 100, 'convnext_s': 50, 'vit_m': 50}
+    for a in range(1, 5):
+        for o, fields in objectives.items():
+            yield f'rrn_a{a}_{o}', {**huang, **fields, 'model.name': f'robust_resnet_a{a}'}
+        yield f'rrn_a{a}_advanced', {**advanced, 'model.name': f'robust_resnet_a{a}'}
+    yield 'rrn_a1_trades_cifar100', {**huang, **objectives['trades'], 'data.dataset': 'cifar100', 'data.rotation': 20}
+    yield 'score_wrn_28_10', {**score, 'model.name': 'wrn_28_10_swish', 'run.batch_size': 512, 'optim.lr': 0.2}
+    yield 'score_wrn_70_16', {**score, 'model.name': 'wrn_70_16_swish', 'run.batch_size': 1024, 'optim.lr': 0.4}
+    for model, epochs in singh_epochs.items():
+        assert f'singh2023_{model}' in names
+        yield f'singh2023_{model}', {**singh, 'run.epochs': epochs, 'schedule.warmup_epochs': 20 if epochs > 100 else 10,
+                                     'optim.no_weight_decay': '1d' if model.startswith('vit') else 'bias'}
 
 
 # --- data plan and augmentation ----------------------------------------------------------------------

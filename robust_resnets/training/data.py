@@ -196,7 +196,9 @@ class BatchPlan:
     Real images are read as one stream through successive random permutations of the training
     set (every image is used equally often; every batch is full); generated images are drawn
     uniformly with replacement. An epoch is ``n_train // batch_size`` steps without generated data,
-    or ``ceil(n_train / batch_size)`` with it (as in Rebuffi et al.'s and SCORE's code).
+    or ``ceil(n_train / batch_size)`` with it, ``n_train`` counting the training images left after the
+    hold-out (SCORE's code divides all 50,000 CIFAR-10 images, hold-out included: 98 steps an epoch at
+    batch 512 where this gives 96).
 
     Args:
         n_train: Training images.
