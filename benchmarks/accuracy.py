@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from benchmarks.complexity import ACCURACY_COLUMNS, TableError, tables_epilog, load_tables
+from benchmarks.paper_tables import ACCURACY_COLUMNS, TableError, load_tables, tables_epilog
 
 #: default half-width, in percentage points, of "reproduced" on the full test set
 TOLERANCE_PP = 0.5
@@ -31,7 +31,7 @@ def accuracy_rows(tables: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The rows of ``tables`` that print accuracies, each with the evaluation settings of its table.
 
     Args:
-        tables: Tables from :func:`benchmarks.complexity.load_tables`.
+        tables: Tables from :func:`benchmarks.paper_tables.load_tables`.
 
     Returns:
         One dict per row: ``table``, ``label``, ``weights`` (manifest name or None), ``dataset``,

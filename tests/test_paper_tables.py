@@ -9,10 +9,11 @@ import yaml
 import robust_resnets  # noqa: F401  (registers the models)
 from benchmarks import accuracy
 from benchmarks import complexity as bench
+from benchmarks import paper_tables
 from robust_resnets.weights import get_manifest
 
-TABLES = bench.load_tables()
-MEASURED = [t for t in TABLES if set(t['columns']) & set(bench.COMPLEXITY_COLUMNS)]
+TABLES = paper_tables.load_tables()
+MEASURED = [t for t in TABLES if set(t['columns']) & set(paper_tables.COMPLEXITY_COLUMNS)]
 #: measurements shared by the tests (the same models recur in several tables)
 CACHE: dict = {}
 MANIFEST_METRICS = {'clean': 'clean', 'pgd20': 'pgd20', 'cw40': 'cw40', 'autoattack': 'aa', 'params_m': 'params_m'}
@@ -123,7 +124,7 @@ def test_an_unknown_table_id_names_the_known_ones(capsys):
 def test_sources_are_public_citations():
     """Sources, footnotes and notes cite the authors' repositories (commit, date) or RobustBench, never this
     project's private copies of the READMEs."""
-    for path in sorted(bench.TABLES_DIR.glob('*.yaml')):
+    for path in sorted(paper_tables.TABLES_DIR.glob('*.yaml')):
         text = path.read_text(encoding='utf-8')
         for word in ('shared/', 'seed'):
             assert word not in text.lower(), f'{path.name} mentions {word!r}'
@@ -142,8 +143,8 @@ BAD_FILES = [
 @pytest.mark.parametrize('text,message', BAD_FILES)
 def test_unreadable_table_file_is_refused(tmp_path, text, message):
     (tmp_path / 'bad.yaml').write_text(text)
-    with pytest.raises(bench.TableError, match=message):
-        bench.load_tables(tables_dir=tmp_path)
+    with pytest.raises(paper_tables.TableError, match=message):
+        paper_tables.load_tables(tables_dir=tmp_path)
 
 
 def _one_table_file(tmp_path, **row_changes):
@@ -163,10 +164,10 @@ def _one_table_file(tmp_path, **row_changes):
 ])
 def test_schema_errors_name_the_row_and_field(tmp_path, change, message):
     _one_table_file(tmp_path)
-    assert bench.load_tables(tables_dir=tmp_path)[0]['id'] == 'p_t'
+    assert paper_tables.load_tables(tables_dir=tmp_path)[0]['id'] == 'p_t'
     _one_table_file(tmp_path, **change)
-    with pytest.raises(bench.TableError, match='row 0 \\(r\\)') as info:
-        bench.load_tables(tables_dir=tmp_path)
+    with pytest.raises(paper_tables.TableError, match='row 0 \\(r\\)') as info:
+        paper_tables.load_tables(tables_dir=tmp_path)
     assert message in str(info.value)
 
 
