@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..files import atomic_path
-from .folder import is_archive, list_image_folder, load_image_folder
+from .folder import is_archive, load_image_folder
 
 __all__ = ['CIFAR_DATASETS', 'CIFAR10_CLASSES', 'CIFAR100_CLASSES', 'load_cifar_tensors']
 
@@ -94,21 +94,24 @@ def _load_npz(path: Path, fingerprint: str) -> Optional[Tuple[Tensor, Tensor]]:
 
 
 def _label_order(found: Sequence[str], dataset: str, where: str) -> List[str]:
-    """The class folder names in label order; refuses folders that are not the dataset's classes."""
-    names, n = _CLASSES[dataset], CIFAR_DATASETS[dataset][0]
-    aliases = _ALIASES[dataset]
-    canonical = {aliases.get(f, f): f for f in found}
-    if len(found) == n and set(canonical) == set(names):
-        return [canonical[c] for c in names]
-    if len(found) == n and all(f.isdigit() for f in found) and sorted(int(f) for f in found) == list(range(n)):
+    """The class folder names in label order: the dataset's class names (or an alias) or its label numbers.
+
+    Raises:
+        ValueError: Another number of folders, or names that are neither.
+    """
+    names, aliases = _CLASSES[dataset], _ALIASES[dataset]
+    if len(found) != len(names):
+        raise ValueError(f'{where} has {len(found)} class folders, but {dataset} has {len(names)}. Check --dataset '
+                         f'and --data-dir.')
+    folder_of = {aliases.get(f, f): f for f in found}
+    if set(folder_of) == set(names):
+        return [folder_of[c] for c in names]
+    if all(f.isdigit() for f in found) and sorted(int(f) for f in found) == list(range(len(names))):
         return sorted(found, key=int)
-    if len(found) != n:
-        raise ValueError(f'{where} has {len(found)} class folders, but {dataset} has {n}. Check --dataset and '
-                         f'--data-dir.')
     unknown = sorted(f for f in found if aliases.get(f, f) not in names)
     raise ValueError(f'Class folders {unknown[:5]} in {where} are not {dataset} class names, so their labels are '
                      f'unknown. Name the folders as torchvision does ({", ".join(names[:3])}, ...) or by label '
-                     f'number (0..{n - 1}).')
+                     f'number (0..{len(names) - 1}).')
 
 
 def _find_folder_source(root: Path, dataset: str, split: str) -> Optional[Path]:
@@ -162,9 +165,8 @@ def load_cifar_tensors(*, root: Union[str, Path], dataset: str = 'cifar10', spli
     if cached is not None:
         return cached
     where = f'{source}' + ('' if is_archive(source) else f'/{split}')
-    found = sorted({c for c, _ in list_image_folder(source, subdir=split)})
-    classes = _label_order(found, dataset, where)
-    images, labels, _ = load_image_folder(source, subdir=split, classes=classes, interleave=True, progress=progress)
+    images, labels, _ = load_image_folder(source, subdir=split, interleave=True, progress=progress,
+                                          classes=lambda found: _label_order(found, dataset, where))
     if tuple(images.shape[1:]) != (3, 32, 32):
         raise ValueError(f'Images in {where} are {tuple(images.shape[2:])} pixels; CIFAR images are 32 x 32.')
     _save_npz(cache, images, labels, fingerprint)

@@ -153,7 +153,7 @@ def load_image_folder(
         root: PathLike,
         *,
         subdir: Optional[str] = None,
-        classes: Optional[Sequence[str]] = None,
+        classes: Union[Sequence[str], Callable[[List[str]], Sequence[str]], None] = None,
         transform: Optional[Transform] = None,
         interleave: bool = False,
         progress: bool = False,
@@ -163,8 +163,9 @@ def load_image_folder(
     Args:
         root: A directory or .tar(.gz) archive.
         subdir: Folder inside root holding the class folders (e.g. 'test', 'val').
-        classes: Class names in label order (default: the sorted class folder names). Folders not listed
-            are an error.
+        classes: Class names in label order (default: the sorted class folder names), or a function from
+            the sorted folder names found to that order (it raises for folders it refuses). Folders not
+            listed are an error.
         transform: PIL image -> PIL image, applied to every image (all outputs must share one size).
         interleave: Return images in :func:`interleave_classes` order instead of class by class.
         progress: Show a progress bar while decoding.
@@ -176,7 +177,7 @@ def load_image_folder(
     """
     items = list_image_folder(root, subdir=subdir)
     found = sorted({c for c, _ in items})
-    classes = list(classes) if classes is not None else found
+    classes = list(classes(found) if callable(classes) else classes if classes is not None else found)
     index = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in found if c not in index]
     if unknown:
