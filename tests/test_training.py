@@ -201,7 +201,7 @@ def test_generated_data_must_fit_the_training_set(tmp_path):
     with pytest.raises(ValueError, match='are not all in 0..9'):
         load_training_data(cfg.data, cfg.eval)
     np.savez(tmp_path / 'gen.npz', image=np.zeros((4, 28, 28, 3), np.uint8), label=np.arange(4))
-    with pytest.raises(ValueError, match=r'its images are \(28, 28\) pixels \(training images \(32, 32\)\)'):
+    with pytest.raises(ValueError, match=r'its images are \(28, 28\) pixels, the cifar10 training images \(32, 32\)'):
         load_training_data(cfg.data, cfg.eval)
     np.savez(tmp_path / 'gen.npz', image=images, label=np.arange(4))
     data = load_training_data(cfg.data, cfg.eval)

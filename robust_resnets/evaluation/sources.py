@@ -24,7 +24,8 @@ def weights_entry(name: str):
 
 
 def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = None,
-               checkpoint_key: Optional[str] = None, random_init: bool = False, device: Union[str, torch.device] = 'cpu') -> nn.Module:
+               checkpoint_key: Optional[str] = None, random_init: bool = False,
+               device: Union[str, torch.device] = 'cpu') -> nn.Module:
     """Builds a timm model in eval mode with its weights.
 
     Args:
@@ -33,7 +34,7 @@ def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = 
         checkpoint: Local safetensors/.pt file (ours or an author's layout, mapped by the family's
             ``checkpoint_filter_fn``), instead of the published weights.
         checkpoint_key: The entry of a training-state ``checkpoint`` to load (e.g. ``'state_dict_ema'``);
-            None loads its trained weights.
+            needed when the file holds both the trained weights and their EMA.
         random_init: Keep the random initialisation (for testing a pipeline).
         device: Where the model goes.
 

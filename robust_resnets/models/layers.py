@@ -11,7 +11,7 @@ from timm.layers import LayerNorm2d, get_act_layer
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CIFAR100_MEAN', 'CIFAR100_STD',
     'InputNormalize', 'ClassifierHeadMixin', 'resolve_act_layer', 'resolve_norm_layer', 'LayerType',
-    'strip_checkpoint_wrappers', 'fill_input_normalize',
+    'strip_checkpoint_wrappers', 'holds_tensors', 'fill_input_normalize',
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -138,7 +138,9 @@ _TRAINED_KEYS = ('state_dict', 'model_state_dict', 'model')
 _EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema_state_dict', 'ema')
 
 
-def _holds_tensors(value: Any) -> bool:
+def holds_tensors(value: Any) -> bool:
+    """Whether ``value`` is a dict with a tensor among its values (a state dict, or a checkpoint holding weights
+    at its top level)."""
     return isinstance(value, dict) and any(torch.is_tensor(v) for v in value.values())
 
 
@@ -151,8 +153,8 @@ def strip_checkpoint_wrappers(state_dict: Dict[str, Any]) -> Dict[str, torch.Ten
     Raises:
         ValueError: The file holds both the trained and the EMA weights, so which one to load is ambiguous.
     """
-    trained = [k for k in _TRAINED_KEYS if _holds_tensors(state_dict.get(k))]
-    ema = [k for k in _EMA_KEYS if _holds_tensors(state_dict.get(k))]
+    trained = [k for k in _TRAINED_KEYS if holds_tensors(state_dict.get(k))]
+    ema = [k for k in _EMA_KEYS if holds_tensors(state_dict.get(k))]
     if trained and ema:
         raise ValueError(f"The checkpoint holds both trained weights ({trained[0]!r}) and their moving average "
                          f"({ema[0]!r}), so which to load is ambiguous. Pick one with --key {ema[0]} (or --key "

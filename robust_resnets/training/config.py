@@ -571,8 +571,10 @@ def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[st
     Keys are checked against :class:`TrainConfig`; ``model.kwargs.<name>=value`` sets a model argument.
     """
     before, values = values, _merge({}, values)
+    keys = []
     for item in overrides:
         key, value = _parse_override(item)
+        keys.append(key)
         parts = key.split('.')
         cls: Any = TrainConfig
         node = values
@@ -600,7 +602,7 @@ def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[st
                     raise ConfigError(f"'{path}' is not a mapping; cannot set '{key}'.")
             node[part] = dict(child)
             node = node[part]
-    _refuse_kept_model_kwargs(before, values, [_parse_override(item)[0] for item in overrides])
+    _refuse_kept_model_kwargs(before, values, keys)
     return values
 
 

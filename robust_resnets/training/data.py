@@ -166,12 +166,13 @@ def load_training_data(data_cfg: DataConfig, eval_cfg: EvalConfig, *, progress: 
     generated = load_generated(data_cfg.generated) if data_cfg.generated else (None, None)
     num_classes = CIFAR_DATASETS[data_cfg.dataset][0]
     if generated[0] is not None:
-        size, labels_ok = tuple(generated[0].shape[1:3]), bool(((generated[1] >= 0) & (generated[1] < num_classes)).all())
-        if size != tuple(images.shape[2:]) or not labels_ok:
-            raise ValueError(f"'{data_cfg.generated}' does not fit {data_cfg.dataset}: its images are {size} pixels "
-                             f"(training images {tuple(images.shape[2:])}) and its labels "
-                             f"{'are' if labels_ok else 'are not all'} in 0..{num_classes - 1}. Check data.generated "
-                             f"and data.dataset.")
+        size = tuple(generated[0].shape[1:3])
+        if size != tuple(images.shape[2:]):
+            raise ValueError(f"'{data_cfg.generated}': its images are {size} pixels, the {data_cfg.dataset} training "
+                             f"images {tuple(images.shape[2:])}. Check data.generated.")
+        if not bool(((generated[1] >= 0) & (generated[1] < num_classes)).all()):
+            raise ValueError(f"'{data_cfg.generated}': its labels are not all in 0..{num_classes - 1}, the classes of "
+                             f"{data_cfg.dataset}. Check data.generated and data.dataset.")
     return TrainingData(images[rest].contiguous(), labels[rest].contiguous(), eval_images, eval_labels,
                         num_classes, *generated)
 

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..files import give_umask_permissions
+from ..models.layers import holds_tensors
 from .hub import sha256_file
 from . import manifest as _manifest
 from .manifest import PretrainedWeights, get_weights
@@ -89,8 +90,7 @@ def load_original_checkpoint(path: os.PathLike, *, key: Optional[str] = None) ->
             choices = sorted(k for k, v in obj.items() if isinstance(k, str) and isinstance(v, dict))
             raise ValueError(f'{path} has no state dict under {key!r}; its dict entries are {choices}.')
         obj = obj[key]
-    if not any(torch.is_tensor(v) or (isinstance(v, dict) and any(torch.is_tensor(t) for t in v.values()))
-               for v in obj.values()):
+    if not (holds_tensors(obj) or any(holds_tensors(v) for v in obj.values())):
         raise ValueError(f'{path} holds no tensors (its top-level keys: {_first_lines([str(k) for k in obj], 5)}), '
                          f'so it is not a model checkpoint. Check the file.')
     return obj
