@@ -41,15 +41,15 @@ def leaderboard_rows(paths: Sequence[Union[str, Path]]) -> List[Dict[str, str]]:
     rows = []
     for path in paths:
         data = read_results(path)
-        standard = [name for name, a in data['attacks'].items()
-                    if a['settings'].get('kind') == 'autoattack' and a['settings'].get('version') == 'standard']
+        aa_name = next((name for name, a in data['attacks'].items() if a['settings'].get('kind') == 'autoattack'
+                        and a['settings'].get('version') == 'standard'), None)
         others = ', '.join(f'{name} {_pct(a["accuracy"])}' for name, a in data['attacks'].items()
-                           if a['settings'].get('kind') != 'clean' and name not in standard[:1])
+                           if a['settings'].get('kind') != 'clean' and name != aa_name)
         reported = data.get('robustbench_reported') or {}
         if reported.get('eps') != data['threat_model']['eps_text']:
             reported = {}  # reported at another radius: not comparable
         rb_aa = float(reported['autoattack_acc']) if reported.get('autoattack_acc') else None
-        aa_acc = data['attacks'][standard[0]]['accuracy'] if standard else None
+        aa_acc = data['attacks'][aa_name]['accuracy'] if aa_name else None
         rows.append({
             'model': data['model']['name'] + _weights_note(data),
             'dataset': data['data']['dataset'],
