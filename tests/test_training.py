@@ -1,4 +1,5 @@
 """The adversarial-training package: config handling, the attack inside training, exact resume, DDP, export."""
+import dataclasses
 import json
 import math
 import os
@@ -73,6 +74,12 @@ def test_config_files_inherit_and_take_overrides(tmp_path):
     assert cfg.model.kwargs == {'depths': [1, 1, 1], 'widths': [1, 1, 1], 'drop_rate': 0.1}
     assert cfg.optim.grad_clip is None
     assert config_from_dict(config_to_dict(cfg)) == cfg
+    # exponents without a decimal point, which YAML 1.1 reads as strings, are numbers (overrides and files)
+    (tmp_path / 'exp.yaml').write_text('base: base.yaml\noptim:\n  lr: 1e-3\n')
+    cfg = load_config(tmp_path / 'exp.yaml', overrides=['optim.weight_decay=5E-4', 'run.epochs=2e1'])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.run.epochs) == (1e-3, 5e-4, 20)
+    with pytest.raises(ConfigError, match="'optim.lr' must be a number, got '1e-3x'"):
+        load_config(tmp_path / 'exp.yaml', overrides=['optim.lr=1e-3x'])
     # another architecture with the recipe's model arguments left in place is refused, not built silently
     with pytest.raises(ConfigError, match=r"keeps the recipe's model.kwargs .* Add --set 'model.kwargs=\{\}'"):
         load_config(tmp_path / 'child.yaml', overrides=['model.name=robust_resnet_a0'])
@@ -476,17 +483,25 @@ def _ddp_worker(rank, port, cfg_dict, data, out):
     train(config_from_dict(cfg_dict), out, data=data)
 
 
-def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    # GroupNorm instead of batch norm: per-example computations, so a batch split over two processes
-    # must give the same update as the whole batch in one (batch norm would see per-process statistics).
-    cfg = _cfg(model={'kwargs': {**TINY['kwargs'], 'normalizations': 'GroupNorm'}},
-               objective={'name': 'trades'}, run={'epochs': 1}, optim={'grad_clip': 1.0})
-    data = _data(n_train=32)
+def _ddp_resume_worker(rank, port, cfg_dict, data, out):
+    # one process group for the three runs: the trainer leaves a group it did not create in place
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE='2')
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group('gloo')
+    from robust_resnets.training.trainer import train
+    cfg = config_from_dict(cfg_dict)
+    train(cfg, f'{out}/straight', data=data)
+    train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=3)), f'{out}/killed', data=data)
+    train(cfg, f'{out}/killed', data=data, resume=True)
+    torch.distributed.destroy_process_group()
+
+
+def _spawn_two(worker, *args):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    workers = mp.spawn(_ddp_worker, args=(port, config_to_dict(cfg), data, str(tmp_path / 'ddp')), nprocs=2,
-                       join=False)
+    workers = mp.spawn(worker, args=(port, *args), nprocs=2, join=False)
     # a hang fails the test instead of the whole suite: with torch 2.1, gloo's process-group teardown
     # left one worker waiting forever in 9 of 67 runs
     deadline = time.monotonic() + 300
@@ -495,6 +510,15 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
             for p in workers.processes:
                 p.kill()
             pytest.fail('the two DDP workers did not finish within 300 s')
+
+
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    # GroupNorm instead of batch norm: per-example computations, so a batch split over two processes
+    # must give the same update as the whole batch in one (batch norm would see per-process statistics).
+    cfg = _cfg(model={'kwargs': {**TINY['kwargs'], 'normalizations': 'GroupNorm'}},
+               objective={'name': 'trades'}, run={'epochs': 1}, optim={'grad_clip': 1.0})
+    data = _data(n_train=32)
+    _spawn_two(_ddp_worker, config_to_dict(cfg), data, str(tmp_path / 'ddp'))
     from robust_resnets.training.trainer import train
     train(cfg, tmp_path / 'single', data=data)
     ddp = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=False)
@@ -516,6 +540,21 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert min(buffers) > 1e-3
     log = [json.loads(x) for x in (tmp_path / 'ddp' / 'metrics.jsonl').read_text().splitlines()]
     assert log[0]['world_size'] == 2
+
+
+def test_ddp_resume_mid_epoch_gives_the_straight_run_with_batch_norm(tmp_path):
+    # batch norm with eval-mode attacks: each process updates the statistics with its share of the batch, so
+    # the processes must go on with one model's statistics (rank 0's, which the checkpoint holds) for a
+    # resumed run to equal a straight one; the epoch's running loss must count every process once
+    cfg = _cfg(objective={'name': 'trades', 'attack_bn': 'eval'}, run={'epochs': 2})
+    _spawn_two(_ddp_resume_worker, config_to_dict(cfg), _data(n_train=32), str(tmp_path))
+    a, b = (_weights(tmp_path / run / 'model.safetensors') for run in ('straight', 'killed'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = lambda p: [json.loads(x) for x in (p / 'metrics.jsonl').read_text().splitlines()]  # noqa: E731
+    epoch_2 = [[r for r in log(tmp_path / run) if r.get('epoch') == 2 and 'event' not in r][-1]
+               for run in ('straight', 'killed')]
+    for key in ('train_loss', 'train_clean_acc', 'train_adv_acc', 'val_clean_acc'):
+        assert epoch_2[0][key] == pytest.approx(epoch_2[1][key], abs=1e-12), key
 
 
 # --- command line ------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import re
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -357,6 +358,9 @@ def _describe(tp: Any) -> str:
     return {list: 'a list', dict: 'a mapping'}.get(typing.get_origin(tp), str(tp))
 
 
+_YAML12_FLOAT = re.compile(r'[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+')
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Checks ``value`` against the annotation ``tp`` (ints become floats where floats are expected)."""
     origin = typing.get_origin(tp)
@@ -386,6 +390,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"'{key}' must be true or false, got {value!r}.")
+    if tp in (int, float) and isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and Python read a number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

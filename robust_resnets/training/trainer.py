@@ -96,6 +96,22 @@ def _all_reduce(t: Tensor, d: _Dist, op=None) -> Tensor:
     return t
 
 
+def _broadcast_buffers(module: nn.Module, d: _Dist) -> None:
+    """Gives every process rank 0's buffers (batch-norm statistics), one collective per dtype."""
+    if not d.enabled:
+        return
+    by_dtype: Dict[torch.dtype, List[Tensor]] = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 def _broadcast_object(obj: Any, d: _Dist) -> Any:
     if not d.enabled:
         return obj
@@ -534,7 +550,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         scheduler.load_state_dict(ckpt['scheduler'])
         if ema is not None:  # 'ema' in checkpoints written before the key was timm's
             ema.module.load_state_dict(ckpt['state_dict_ema'] if 'state_dict_ema' in ckpt else ckpt['ema'])
-        step, best, accum = ckpt['step'], ckpt['best'], ckpt['accum']
+        step, best = ckpt['step'], ckpt['best']
+        # the running totals of the epoch so far, summed over the processes: rank 0 carries them on
+        accum = ckpt['accum'] if d.main else None
         last_eval = ckpt.get('last_eval', {})  # absent from checkpoints written before it was kept
         _set_rng_state(ckpt['rng'], device)
     ckpt_loaded = ckpt is not None
@@ -572,6 +590,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
     saved_at = [step if ckpt_loaded else None]
 
     def save_checkpoint() -> None:
+        totals = _all_reduce(accum.clone(), d)  # every process calls this, so all take part
         if not d.main:
             return
         _atomic_torch_save({
@@ -580,7 +599,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
             'scheduler': scheduler.state_dict(),
             # timm's key: timm.models.load_checkpoint(model, 'last.pt', use_ema=True) loads the average
             'state_dict_ema': ema.module.state_dict() if ema is not None else None,
-            'rng': _rng_state(device), 'best': best, 'accum': accum.cpu(), 'last_eval': last_eval,
+            'rng': _rng_state(device), 'best': best, 'accum': totals.cpu(), 'last_eval': last_eval,
         }, run_dir / 'last.pt')
         saved_at[0] = step
 
@@ -672,6 +691,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
             if cfg.optim.grad_clip is not None:
                 nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip)
             optimizer.step()
+            # each process updated the batch-norm statistics with its own share of the batch; one model goes
+            # on (rank 0's, as DDP's next forward and the checkpoint hold it) to the next attack, average, eval
+            _broadcast_buffers(raw, d)
             step += 1
             if cfg.schedule.interval == 'step' and step < total_steps:
                 scheduler.step()
