@@ -6,7 +6,9 @@ on the Hub, shipped in the package, or ``<weights-dir>/<name>.safetensors``. Row
 weights with the same evaluation (dataset, resolution, threat model, eps, number of test images) share one
 evaluation and are each compared against it, e.g. a README row and the RobustBench row of one checkpoint.
 
-A printed accuracy counts as reproduced when the measured one is within the tolerance of :func:`tolerance_pp`:
+A printed ``aa`` column is evaluated with the AutoAttack its table's ``evaluation.aa_attack`` names (default ``aa``,
+standard AutoAttack, RobustBench's; Huang et al.'s README tables ran ``aa:apgd-ce+apgd-t``). A printed accuracy
+counts as reproduced when the measured one is within the tolerance of :func:`tolerance_pp`:
 ``--tolerance`` percentage points (default 0.5) on the paper's full test set, widened by two standard errors
 of the subset's accuracy when ``--n-examples`` evaluates fewer images. A row that cannot be evaluated (no
 weights, no data folder given, a file that does not load) gets a one-line reason; the others still run.
@@ -35,8 +37,10 @@ def accuracy_rows(tables: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
     Returns:
         One dict per row: ``table``, ``label``, ``weights`` (manifest name or None), ``dataset``,
-        ``threat_model``, ``eps``, ``n_examples``, ``resolution``, ``crop_pct``, ``interpolation`` and
-        ``printed`` (accuracy columns only, in percent).
+        ``threat_model``, ``eps``, ``n_examples``, ``resolution``, ``crop_pct``, ``interpolation``,
+        ``printed`` (accuracy columns only, in percent) and ``attacks`` (printed column -> the attack that
+        evaluates it, as :func:`robust_resnets.evaluation.evaluate` names it: ``aa`` from the table's
+        ``evaluation.aa_attack``).
     """
     rows = []
     for table in tables:
@@ -49,7 +53,8 @@ def accuracy_rows(tables: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                          'dataset': table['dataset'], 'threat_model': table['threat_model'], 'eps': str(table['eps']),
                          'n_examples': ev['n_examples'], 'resolution': row.get('resolution', ev.get('resolution')),
                          'crop_pct': ev.get('crop_pct'), 'interpolation': ev.get('interpolation'),
-                         'printed': printed})
+                         'printed': printed,
+                         'attacks': {c: ev.get('aa_attack', 'aa') if c == 'aa' else c for c in printed}})
     return rows
 
 
@@ -108,7 +113,11 @@ def find_weights(name: str, weights_dir: Optional[Path]) -> Dict[str, Any]:
 
 def _evaluate_group(rows: List[Dict[str, Any]], weights: Dict[str, Any], args: argparse.Namespace,
                     device: Any) -> Tuple[Any, Dict[str, float], int, Optional[Dict[str, Any]]]:
-    """Runs one evaluation: (result, accuracy per column in percent, images evaluated, preprocessing)."""
+    """Runs one evaluation: (result, accuracy per attack name in percent, images evaluated, preprocessing).
+
+    The attacks are the union of the rows' (``row['attacks']``), so that rows of one checkpoint whose ``aa``
+    columns ran different AutoAttacks each get theirs.
+    """
     from robust_resnets.evaluation import evaluate
     from robust_resnets.evaluation.results import parse_eps
     from robust_resnets.evaluation.sources import load_dataset, load_model
@@ -125,7 +134,7 @@ def _evaluate_group(rows: List[Dict[str, Any]], weights: Dict[str, Any], args: a
                              f"evaluation.{key}")
     images, labels, prep = load_dataset(first['dataset'], data_dir=data_dir, n_examples=n, model=model,
                                         resolution=first['resolution'])
-    attacks = list(dict.fromkeys(['clean', *(c for r in rows for c in r['printed'])]))
+    attacks = list(dict.fromkeys(['clean', *(a for r in rows for a in r['attacks'].values())]))
     result = evaluate(model, images, labels, attacks=attacks, eps=parse_eps(first['eps']),
                       norm=first['threat_model'], batch_size=args.batch_size, device=device)
     return result, {c: 100 * result.accuracy[c] for c in attacks}, len(labels), prep
@@ -212,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         stats['evaluations'] += 1
         for row, p in zip(group, prefix):
             for col, paper in row['printed'].items():
-                ours = measured[col]
+                ours = measured[row['attacks'][col]]
                 tol = tolerance_pp(printed=paper, n_evaluated=n, n_full=row['n_examples'], base=args.tolerance)
                 ok = abs(ours - paper) <= tol
                 stats['reproduced' if ok else 'differ'] += 1
@@ -223,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             data = result_to_dict(result, model=name, dataset=dataset, preprocessing=prep, data_source=data_dir,
                                   checkpoint=weights['file'] and str(weights['file']), extra={'benchmark_rows': [
-                                      {k: r[k] for k in ('table', 'label', 'printed')} for r in group]})
+                                      {k: r[k] for k in ('table', 'label', 'printed', 'attacks')} for r in group]})
             write_json(data, args.out_dir / f"{name}{f'_{key[2]}px' if key[2] else ''}_n{n}.json")
     print(f"{len(rows)} rows with printed accuracies, {len(groups)} distinct evaluations of released weights; "
           f"{stats['evaluations']} run: {stats['reproduced']} printed figures reproduced, {stats['differ']} differ; "

@@ -23,7 +23,7 @@ DATASETS = ('cifar10', 'cifar100', 'imagenet')
 FILE_FIELDS = {'paper', 'sources', 'footnotes', 'tables'}
 TABLE_FIELDS = {'id', 'title', 'source', 'dataset', 'threat_model', 'eps', 'training', 'columns', 'evaluation',
                 'notes', 'rows'}
-EVALUATION_FIELDS = {'n_examples', 'resolution', 'crop_pct', 'interpolation'}
+EVALUATION_FIELDS = {'n_examples', 'resolution', 'crop_pct', 'interpolation', 'aa_attack'}
 ROW_FIELDS = {'label', 'model', 'model_args', 'weights', 'printed', 'source', 'input_size', 'resolution', 'epochs',
               'known_discrepancy', 'corrected_model_args', 'earlier_printed'}
 
@@ -85,6 +85,22 @@ def _check_row(row: Any, table: Mapping[str, Any], doc: Mapping[str, Any], where
     return errors
 
 
+def _check_aa_attack(name: Any, table: Mapping[str, Any], where: str) -> List[str]:
+    """``evaluation.aa_attack``: an AutoAttack as ``robust-resnets eval --attacks`` names it, for a table with 'aa'."""
+    from robust_resnets.attacks.spec import parse_attack
+
+    if 'aa' not in (table.get('columns') or []):
+        return [f"{where}: evaluation.aa_attack names the attack of the 'aa' column, which the table does not print"]
+    try:
+        kind = parse_attack(name, eps=0.0).kind if isinstance(name, str) else None
+    except ValueError:
+        kind = None
+    if kind != 'autoattack':
+        return [f"{where}: evaluation.aa_attack must name an AutoAttack as `robust-resnets eval --attacks` does "
+                f"('aa', 'aa:apgd-ce+apgd-t', ...), got {name!r}"]
+    return []
+
+
 def _check_table(table: Any, doc: Mapping[str, Any], where: str) -> List[str]:
     if not isinstance(table, dict):
         return [f'{where}: a table must be a mapping']
@@ -111,7 +127,9 @@ def _check_table(table: Any, doc: Mapping[str, Any], where: str) -> List[str]:
     if not isinstance(ev, dict) or set(ev) - EVALUATION_FIELDS or not isinstance(ev.get('n_examples'), int) or \
             ev['n_examples'] < 1:
         errors.append(f'{where}: evaluation must be {{n_examples: <test images the paper used>, resolution?, '
-                      f'crop_pct?, interpolation?}}, got {ev!r}')
+                      f'crop_pct?, interpolation?, aa_attack?}}, got {ev!r}')
+    elif 'aa_attack' in ev:
+        errors += _check_aa_attack(ev['aa_attack'], table, where)
     if not isinstance(table['rows'], list) or not table['rows']:
         return errors + [f'{where}: rows must be a non-empty list']
     for i, row in enumerate(table['rows']):

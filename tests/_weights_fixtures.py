@@ -54,15 +54,17 @@ def use_manifest(monkeypatch, folder: Path, entries: Dict[str, Dict[str, Any]]) 
     register_manifest()
 
 
-def populate_hf_cache(cache: Path, repo_id: str, filename: str, data: bytes, etag: str) -> Path:
-    """Lays a file out as huggingface_hub caches it: blobs/<etag>, refs/main, snapshots/<commit>/<file>."""
+def populate_hf_cache(cache: Path, repo_id: str, filename: str, data: bytes, etag: str, *,
+                      commit: str = COMMIT) -> Path:
+    """Lays a file out as huggingface_hub caches it: blobs/<etag>, refs/main, snapshots/<commit>/<file>
+    (refs/main then names ``commit``: the latest upload)."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / 'blobs').mkdir(parents=True, exist_ok=True)
     (repo / 'refs').mkdir(exist_ok=True)
-    (repo / 'snapshots' / COMMIT).mkdir(parents=True, exist_ok=True)
+    (repo / 'snapshots' / commit).mkdir(parents=True, exist_ok=True)
     (repo / 'blobs' / etag).write_bytes(data)
-    (repo / 'refs' / 'main').write_text(COMMIT)
-    link = repo / 'snapshots' / COMMIT / filename
+    (repo / 'refs' / 'main').write_text(commit)
+    link = repo / 'snapshots' / commit / filename
     link.symlink_to(Path('..') / '..' / 'blobs' / etag)
     return link
 

@@ -183,3 +183,14 @@ def test_runs_under_bfloat16_autocast(norm):
     assert adv.dtype == torch.float32 and adv.min() >= 0 and adv.max() <= 1
     assert (_size(adv - x, norm) <= EPS[norm] * (1 + 1e-5) + 1e-6).all()
     assert not torch.equal(adv, x)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+def test_half_precision_images_stay_in_the_ball(dtype, norm):
+    model = tiny_net(dtype=dtype)
+    x, y = batch(16, dtype)
+    adv = apgd_attack(model, x, y, eps=EPS[norm], steps=5, norm=norm)
+    assert adv.dtype == dtype and adv.min() >= 0 and adv.max() <= 1
+    assert (_size(adv.float() - x.float(), norm) <= EPS[norm] * (1 + 1e-6)).all()
+    assert not torch.equal(adv, x)

@@ -262,3 +262,45 @@ def test_autoattack_settings_are_what_each_attack_runs_with():
         assert list(seen) == expected['attacks']
         for attack, settings_ in expected['per_attack'].items():
             assert {k: seen[attack][k] for k in settings_} == settings_, (version, attack)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+def test_half_precision_images_stay_in_the_ball(dtype, norm):
+    """Rounding x + delta to bfloat16 used to step outside the ball (8.47/255 at 8/255): it now rounds towards x."""
+    eps = 8 / 255 if norm == 'Linf' else 0.5
+    model = tiny_cnn(3).to(dtype)
+    x = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    y = torch.arange(32) % 10
+    adv = pgd_attack(model, x, y, eps=eps, steps=5, step_size=eps / 4, norm=norm, example_seeds=torch.arange(32))
+    assert adv.dtype == dtype and adv.min() >= 0 and adv.max() <= 1
+    assert (_size(adv.float() - x.float(), norm) <= eps * (1 + 1e-6)).all()
+    assert not torch.equal(adv, x)
+
+
+def test_project_rounds_half_precision_towards_the_clean_image():
+    from robust_resnets.attacks.pgd import project
+
+    x = torch.tensor([0.5, 0.46, 0.9, 0.0], dtype=torch.bfloat16)
+    for sign in (1, -1):
+        out = project(x + sign, x, eps=8 / 255, norm='Linf')  # far outside: lands on the ball's edge, rounded
+        assert out.dtype == torch.bfloat16 and ((out.float() - x.float()).abs() <= 8 / 255).all()
+        assert (out >= 0).all() and (out <= 1).all()
+    assert torch.equal(project(x.float() + 0.01, x.float(), eps=8 / 255, norm='Linf'), x.float() + 0.01)
+
+
+def test_autoattack_checks_are_warned_once():
+    """pyautoattack's per-call checks (here: outputs that are probabilities) come out once, not per batch."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10), nn.Softmax(dim=1)).eval()
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        autoattack_attack(model, x, y, eps=8 / 255, version='custom', attacks=['apgd-ce'], batch_size=2)
+    probability = [str(w.message) for w in caught if 'probability distribution' in str(w.message)]
+    assert probability == ['AutoAttack (apgd-ce): it seems that the output is a probability distribution, please be '
+                           'sure that the logits are used! See flags_doc.md for details.']

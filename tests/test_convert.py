@@ -11,6 +11,7 @@ import timm
 import robust_resnets  # noqa: F401
 from robust_resnets.cli import main as cli_main
 from robust_resnets.weights.convert import convert_checkpoint, load_original_checkpoint
+from robust_resnets.weights.manifest import validate_entry
 
 from _weights_fixtures import (
     CIFAR10_MEAN, CIFAR10_STD, DMWideResNet, HuangPreActResNet, TradesWideResNet, ema_wrapped, entry,
@@ -147,6 +148,50 @@ def test_training_state_with_ema_needs_a_key(manifest, tmp_path, capsys):
         assert f.metadata()['source_key'] == 'state_dict_ema'
 
 
+def test_state_dict_under_an_unusual_name_asks_for_key(manifest, tmp_path, capsys):
+    """{'net': state_dict, 'acc': .., 'epoch': ..}: the error names the entry that holds the tensors and --key."""
+    name = 'preact_resnet.fx_huang_rrb_s1'
+    ref = HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1)
+    ckpt = _save({'net': ref.state_dict(), 'acc': 57.3, 'epoch': 99}, tmp_path / 'ckpt.pth')
+    out = tmp_path / 'out'
+    assert cli_main(['convert', str(ckpt), '--to', name, '--out', str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no tensors at its top level" in err and "the entries ['net'] hold tensors" in err and '--key net' in err
+    assert not out.exists()
+    assert cli_main(['convert', str(ckpt), '--to', name, '--out', str(out), '--key', 'net']) == 0
+
+
+def test_checkpoint_without_num_batches_tracked_converts(manifest, tmp_path):
+    """PyTorch < 0.4.1 saved no num_batches_tracked: the counters are filled with zeros, as for DARTS."""
+    name = 'preact_resnet.fx_huang_rrb_s1'
+    torch.manual_seed(0)
+    ref = randomise_norms(HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1)).eval()
+    legacy = {k: v for k, v in ref.state_dict().items() if not k.endswith('num_batches_tracked')}
+    convert_checkpoint(_save(legacy, tmp_path / 'legacy.pth'), name=name, out_dir=tmp_path / 'out')
+    model = timm.create_model(name, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'out' / 'model.safetensors'))).eval()
+    counters = {k: v for k, v in model.state_dict().items() if k.endswith('num_batches_tracked')}
+    assert counters and all(v.item() == 0 for v in counters.values())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - ref(x)).abs().max().item() <= 1e-5
+
+
+def test_reconverted_entry_drops_a_stale_revision(tmp_path, monkeypatch):
+    """A pinned entry keeps its revision for the same file; a different file is a new upload, pinned anew."""
+    name = 'preact_resnet.fx_huang_rrb_s1'
+    ckpt = _save(HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1).state_dict(), tmp_path / 'c.pth')
+    entries = _entries()
+    entries[name]['hf_hub']['revision'] = 'a' * 40
+    use_manifest(monkeypatch, tmp_path / 'm1', entries)
+    first = convert_checkpoint(ckpt, name=name, out_dir=tmp_path / 'out1')
+    assert 'revision' not in first.entry['hf_hub']  # the manifest's sha256 (null) is not this file's
+    entries[name].update(published=True, sha256=first.sha256, size=first.size)
+    use_manifest(monkeypatch, tmp_path / 'm2', entries)
+    again = convert_checkpoint(ckpt, name=name, out_dir=tmp_path / 'out2')  # byte-reproducible: the same file
+    assert again.sha256 == first.sha256 and again.entry['hf_hub']['revision'] == 'a' * 40
+
+
 def test_cli_convert_prints_entry(manifest, tmp_path, capsys):
     ref = HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1)
     ckpt = _save(ref.state_dict(), tmp_path / 'ckpt.pth')
@@ -229,6 +274,11 @@ def test_publish_dry_run_and_upload_calls(manifest, tmp_path, capsys, monkeypatc
     assert 'https://huggingface.co/org/fx' in capsys.readouterr().out
 
     calls = []
+    oid = 'c0ffee' * 6 + 'c0ff'
+
+    class CommitInfo(str):  # what upload_folder returns: a str (its URL) with the commit's fields
+        commit_url = f'https://huggingface.co/{repo}/commit/{"0" * 40}'  # the oid is what counts
+        oid = 'c0ffee' * 6 + 'c0ff'
 
     class FakeApi:
         def __init__(self, token=None):
@@ -239,13 +289,23 @@ def test_publish_dry_run_and_upload_calls(manifest, tmp_path, capsys, monkeypatc
 
         def upload_folder(self, **kw):
             calls.append(('upload_folder', kw))
-            return 'https://huggingface.co/org/fx/commit/0'
+            if kw['repo_id'] == repo:
+                return CommitInfo(CommitInfo.commit_url)
+            return 'https://huggingface.co/org/fx/commit/0'  # older huggingface_hub: the URL alone
 
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
     assert cli_main(['publish', str(out)]) == 0
     assert calls[0][:2] == ('create_repo', repo) and calls[1][1]['repo_id'] == repo
     assert sorted(calls[1][1]['allow_patterns']) == ['README.md', 'config.json', 'model.safetensors']
+    printed = capsys.readouterr().out
+    pinned = json.loads(printed[printed.index('{'):])  # the hf_hub block to paste: the upload's commit pinned
+    assert pinned == {'repo_id': repo, 'filename': 'model.safetensors', 'revision': oid}
+    pasted = _entries()['preact_resnet.fx_huang_rrb_s1']
+    pasted['hf_hub'] = pinned
+    assert validate_entry('preact_resnet.fx_huang_rrb_s1', pasted) == []
+    assert cli_main(['publish', str(out), '--repo-id', 'org/fx', '--other-repo']) == 0  # a copy: no pin offered
+    assert 'hf_hub' not in capsys.readouterr().out
 
     (out / 'README.md').write_text('edited by hand')
     assert cli_main(['publish', str(out), '--repo-id', 'org/fx', '--dry-run']) == 1
@@ -270,3 +330,29 @@ def test_publish_refuses_a_file_the_manifest_would_reject(tmp_path, monkeypatch,
     convert_checkpoint(_save(ref.state_dict(), tmp_path / 'c.pth'), name=name, out_dir=out)
     assert cli_main(['publish', str(out), '--dry-run']) == 1
     assert 'would fail the checksum' in capsys.readouterr().err
+
+
+def test_unknown_licence_is_not_published_without_consent(tmp_path, monkeypatch, capsys):
+    """pang2022-style entries ("ask the authors before redistributing"): the card says so, publish refuses."""
+    ref = HuangPreActResNet((1, 1, 1), (16, 16, 32), block='rrb', scales=1)
+    name = 'preact_resnet.fx_huang_rrb_s1'
+    entries = _entries()
+    entries[name].update(license='unknown', notes='No licence file; ask the authors before redistributing.')
+    entries[name]['paper']['code'] = 'https://github.com/example/code'
+    use_manifest(monkeypatch, tmp_path / 'manifest', entries)
+    out = tmp_path / 'out'
+    convert_checkpoint(_save(ref.state_dict(), tmp_path / 'c.pth'), name=name, out_dir=out)
+    import yaml
+    front = yaml.safe_load((out / 'README.md').read_text().split('---\n')[1])
+    assert (front['license'], front['license_name'], front['license_link']) == (
+        'other', 'unknown', 'https://github.com/example/code')  # the Hub's spec for an 'other' licence
+
+    assert cli_main(['publish', str(out), '--dry-run']) == 1
+    err = capsys.readouterr().err
+    assert 'licence of these weights is unknown' in err and 'ask the authors' in err
+    assert '--allow-unknown-license' in err
+    assert cli_main(['publish', str(out), '--dry-run', '--allow-unknown-license']) == 0
+    from robust_resnets.weights.publish import plan_upload
+    assert plan_upload(out, allow_unknown_license=True).license == 'unknown'
+    with pytest.raises(ValueError, match='licence of these weights is unknown'):
+        plan_upload(out, repo_id='org/fx', other_repo=True)  # a copy elsewhere is redistribution too

@@ -17,7 +17,7 @@ from robust_resnets.evaluation import GradientMaskingWarning, evaluate
 from robust_resnets.evaluation.leaderboard import leaderboard_rows, render_html, render_markdown
 from robust_resnets.evaluation.results import (
     MODEL_INFO_FIELDS, find_reported, format_eps, parse_eps, read_results, reported_entries, result_to_dict,
-    write_json,
+    robustbench_model_info, write_json,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
@@ -207,7 +207,9 @@ def test_autoattack_through_evaluate_results_json_and_leaderboard(tmp_path):
     assert r.accuracy['aa'] <= r.accuracy['clean'] and (aa.correct <= r.attacks['clean'].correct).all()
     data_ = result_to_dict(r, model='wrn_a4.cifar10_robustbench', dataset='cifar10')
     assert data_['model']['robustbench_id'] == 'Huang2022Revisiting_WRN-A4'
-    info = data_['robustbench']
+    assert data_['robustbench'] is None and data_['data']['full_test_set'] is False  # 8 images: no RobustBench entry
+    info = robustbench_model_info(r, dataset='cifar10', architecture='wrn_a4',
+                                  robustbench_id='Huang2022Revisiting_WRN-A4')
     assert set(info) <= set(MODEL_INFO_FIELDS)
     assert info['eps'] == '8/255' and info['clean_acc'] == f"{100 * r.clean_accuracy:.2f}"
     assert info['autoattack_acc'] == f"{100 * r.accuracy['aa']:.2f}" and info['reported'] == '65.79'
@@ -240,7 +242,9 @@ def test_reported_numbers_only_for_pretrained_tags_at_the_same_threat_model():
     def matched(result, **kw):
         out = result_to_dict(result, dataset='cifar10', **kw)
         assert (out['robustbench_reported'] is None) == (out['model']['robustbench_id'] is None)
-        assert ('reported' in out['robustbench']) == (out['robustbench_reported'] is not None)
+        info = robustbench_model_info(result, dataset='cifar10', architecture='wrn_a4',
+                                      robustbench_id=out['model']['robustbench_id'])
+        assert ('reported' in info) == (out['robustbench_reported'] is not None)
         return out['model']['robustbench_id']
 
     at_8, at_2, l2 = _made_up_result(eps=8 / 255), _made_up_result(eps=2 / 255), _made_up_result(eps=0.5, norm='L2')
@@ -507,3 +511,219 @@ def test_robustbench_entries_name_published_weights_of_their_dataset_and_threat_
         matching = [entries.get((i, weights.dataset)) for i in ids]
         assert all(e is not None and e['threat_model'] == weights.threat_model
                    and e['model_info']['eps'] == weights.eps for e in matching), name
+
+
+# --- AutoAttack's own checks, the AutoAttack batch size on resume, seeds ------------------------------------------
+class _Quantised(nn.Module):
+    """Rounds its input to quarters: zero input gradient everywhere."""
+
+    def forward(self, inp):
+        return torch.floor(inp * 4) / 4
+
+
+def test_autoattack_checks_reach_the_result_and_the_json(tmp_path):
+    """pyautoattack's warnings (probability outputs, zero gradients) are passed on once each, not swallowed.
+
+    (APGD checks for zero gradients with the DLR loss only.)
+    """
+    import logging
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_Quantised(), nn.Flatten(), nn.Linear(3 * 8 * 8, 10), nn.Softmax(dim=1)).eval()
+    x, y = data(12, 0, model)
+    logger = logging.getLogger('auto-attack')
+    before = (logger.level, logger.propagate, list(logger.handlers))
+    with pytest.warns(GradientMaskingWarning) as record:
+        r = evaluate(model, x, y, attacks='clean,aa:apgd-dlr', batch_size=4, progress=False)
+    assert (logger.level, logger.propagate, list(logger.handlers)) == before
+    probability = [w for w in r.warnings if 'probability distribution' in w]
+    zero_gradient = [w for w in r.warnings if 'zero gradient' in w]
+    assert len(probability) == 1 and len(zero_gradient) == 1  # three batches, one message each
+    assert probability[0].startswith('AutoAttack (apgd-dlr): ')  # checks the DLR loss only
+    assert {str(w.message) for w in record} >= set(probability + zero_gradient)
+    # AutoAttack alone still gets the check with an eps covering the whole box
+    assert r.unbounded_accuracy is not None and any('whole image box' in w for w in r.warnings)
+    saved = read_results(write_json(result_to_dict(r, model='m', dataset='cifar10'), tmp_path / 'r.json'))
+    assert saved['checks']['warnings'] == r.warnings
+
+
+def test_autoattack_warnings_survive_a_resume(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10), nn.Softmax(dim=1)).eval()
+    x, y = data(8, 1, model)
+    kw = dict(attacks='clean,aa:apgd-ce', batch_size=4, progress=False, check_masking=False,
+              state_path=tmp_path / 'state.json')
+    with pytest.warns(GradientMaskingWarning, match='probability distribution'):
+        first = evaluate(model, x, y, **kw)
+    with pytest.warns(GradientMaskingWarning, match='probability distribution'):
+        resumed = evaluate(model, x, y, **kw)  # complete in the state file: nothing runs again
+    assert resumed.warnings == first.warnings and len(first.warnings) == 1
+
+
+def test_autoattack_batch_size_is_part_of_the_resume_fingerprint(tmp_path):
+    """AutoAttack's random draws follow its batches: a state of another batch size is not resumed."""
+    model, x, y = _linear_setup()
+    kw = dict(eps=8 / 255, progress=False, check_masking=False)
+    state = tmp_path / 'aa.json'
+    evaluate(model, x, y, attacks='clean,aa:apgd-ce', batch_size=4, state_path=state, **kw)
+    assert json.loads(state.read_text())['attacks']['aa:apgd-ce']['batch_size'] == 4
+    with pytest.raises(ValueError, match='different evaluation .*autoattack_batch_size'):
+        evaluate(model, x, y, attacks='clean,aa:apgd-ce', batch_size=8, state_path=state, **kw)
+    evaluate(model, x, y, attacks='clean,aa:apgd-ce', batch_size=4, state_path=state, **kw)  # the same: resumes
+    # without AutoAttack the numbers do not depend on the batch size, and neither does the state
+    evaluate(model, x, y, attacks='clean,pgd2', batch_size=4, state_path=tmp_path / 'pgd.json', **kw)
+    evaluate(model, x, y, attacks='clean,pgd2', batch_size=8, state_path=tmp_path / 'pgd.json', **kw)
+    old = dict(json.loads(state.read_text()), version=3)  # written before the batch size was fingerprinted
+    state.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r'another version of robust-resnets \(state version 3, expected 4\)'):
+        evaluate(model, x, y, attacks='clean,aa:apgd-ce', batch_size=4, state_path=state, **kw)
+
+
+def test_example_seeds_stay_in_int64_for_any_seed():
+    import zlib
+
+    from robust_resnets.evaluation.evaluate import _example_seeds
+
+    for seed in (2 ** 20, 2 ** 31, 2 ** 62, 2 ** 63 - 1):
+        seeds = _example_seeds(seed, 'pgd20', 10000)
+        assert seeds.dtype == torch.int64 and (seeds >= 0).all() and seeds.unique().numel() == 10000
+    # small seeds keep the draws of earlier versions
+    assert _example_seeds(7, 'cw40', 3).tolist() == [(7 * 1_000_003 + zlib.crc32(b'cw40')) * 10_000_019 + i
+                                                    for i in range(3)]
+    model = tiny_cnn(1)
+    x, y = data(4, 3, model)
+    kw = dict(attacks='clean,pgd2', progress=False, check_masking=False)
+    assert evaluate(model, x, y, seed=2 ** 31, **kw).n_examples == 4
+    for bad in (-1, 2 ** 63, 1.5):
+        with pytest.raises(ValueError, match=r'seed must be an integer from 0 to 2\*\*63 - 1'):
+            evaluate(model, x, y, seed=bad, **kw)
+
+
+# --- subsets are not RobustBench entries -------------------------------------------------------------------------
+def _tiled(n: int, *, aa: bool = False, eps: float = 8 / 255):
+    """A made-up result on n examples: clean all correct, pgd2 (and aa) correct on half."""
+    from robust_resnets.attacks.spec import parse_attack
+    from robust_resnets.evaluation.evaluate import AttackResult, EvaluationResult
+
+    half = torch.arange(n) % 2 == 0
+    names = ('clean', 'pgd2') + (('aa',) if aa else ())
+    attacks = {name: AttackResult(parse_attack(name, eps=eps), torch.ones(n, dtype=torch.bool) if name == 'clean'
+                                  else half.clone()) for name in names}
+    return EvaluationResult(attacks=attacks, n_examples=n, eps=eps, norm='Linf', seed=0, batch_size=n, device='cpu')
+
+
+def test_robustbench_entry_only_for_the_full_test_set():
+    from robust_resnets.evaluation.results import FULL_TEST_SET, full_test_set
+
+    full = result_to_dict(_tiled(10000, aa=True), model='wrn_a4.cifar10_robustbench', dataset='cifar10')
+    assert full['data']['full_test_set'] is True
+    assert set(full['robustbench']) <= set(MODEL_INFO_FIELDS)
+    assert full['robustbench']['clean_acc'] == '100.00' and full['robustbench']['autoattack_acc'] == '50.00'
+    subset = result_to_dict(_tiled(1000, aa=True), model='wrn_a4.cifar10_robustbench', dataset='cifar10')
+    assert subset['data']['full_test_set'] is False and subset['robustbench'] is None
+    assert subset['robustbench_reported']['autoattack_acc'] == '65.79'  # RobustBench's own numbers stay, to compare
+    assert FULL_TEST_SET == {'cifar10': 10000, 'cifar100': 10000, 'imagenet': 5000}
+    assert full_test_set(dataset='imagenet', n_examples=5000, preprocessing={'subset': 'robustbench'}) is True
+    assert full_test_set(dataset='imagenet', n_examples=5000, preprocessing={'subset': 'all'}) is False
+    assert full_test_set(dataset='cifar100', n_examples=10000, split='train') is False
+    other = result_to_dict(_tiled(10000), model='m', dataset='svhn')
+    assert other['data']['full_test_set'] is None and other['robustbench'] is None
+
+
+def test_leaderboard_marks_rows_on_a_subset(tmp_path):
+    from robust_resnets.evaluation.leaderboard import NOTE
+
+    paths = [write_json(result_to_dict(_tiled(n, aa=True), model='wrn_a4.cifar10_robustbench', dataset='cifar10'),
+                        tmp_path / f'{n}.json') for n in (10000, 1000)]
+    rows = {r['n']: r for r in leaderboard_rows(paths)}
+    assert set(rows) == {'10000', '1000 (subset)'}
+    assert rows['10000']['delta AA'] == f'{50 - 65.79:+.2f}'
+    assert rows['1000 (subset)']['delta AA'] == f'{50 - 65.79:+.2f} (subset)'
+    assert '(subset): on fewer or other images than the test set RobustBench reports on' in NOTE
+
+
+# --- stock timm models ---------------------------------------------------------------------------------------------
+def test_a_stock_timm_model_is_standardised_in_front(tmp_path, monkeypatch):
+    """timm's models do not standardise inside: their cfg's mean/std go in front, and the results say so."""
+    import timm
+
+    from robust_resnets.evaluation.sources import PixelInputModel, load_model, model_notes
+
+    model = load_model('resnet18.a1_in1k', dataset='cifar10', random_init=True)
+    assert isinstance(model, PixelInputModel) and not model.training
+    assert model.num_classes == 10 and model.get_classifier().out_features == 10
+    cfg = timm.models.get_pretrained_cfg('resnet18.a1_in1k')
+    assert model.pretrained_cfg['mean'] == (0.0, 0.0, 0.0) and model.pretrained_cfg['std'] == (1.0, 1.0, 1.0)
+    assert model.pretrained_cfg['input_size'] == cfg.input_size and model.pretrained_cfg['crop_pct'] == cfg.crop_pct
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.model((x - mean) / std), atol=1e-6)
+    note, = model_notes(model, name='resnet18.a1_in1k')
+    assert 'mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)' in note
+    # the published weights' path (create_model(pretrained=True)) is wrapped too; no download here
+    create_model = timm.create_model
+    monkeypatch.setattr(timm, 'create_model', lambda name, pretrained=False, **kw: create_model(name, **kw))
+    assert isinstance(load_model('resnet18.a1_in1k', dataset='imagenet'), PixelInputModel)
+    monkeypatch.undo()
+    # this package's models standardise inside (or not at all): left as they are; so is a checkpoint
+    assert not isinstance(load_model('preact_resnet', dataset='cifar10', random_init=True), PixelInputModel)
+    torch.save(create_model('resnet18', num_classes=10).state_dict(), tmp_path / 'mine.pt')
+    assert not isinstance(load_model('resnet18', dataset='cifar10', checkpoint=tmp_path / 'mine.pt'), PixelInputModel)
+
+
+def test_cli_eval_notes_the_standardisation_of_a_stock_timm_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    _write_images(tmp_path / 'cifar', per_class=1)
+    out = tmp_path / 'r.json'
+    assert _run_cli(['eval', 'resnet18.a1_in1k', '--random-init', '--data-dir', str(tmp_path / 'cifar'),
+                     '--n-examples', '2', '--attacks', 'clean', '--quiet', '--out', str(out)]) == 0
+    assert 'note: resnet18.a1_in1k is a timm model whose weights expect inputs standardised' in capsys.readouterr().err
+    notes = read_results(out)['notes']
+    assert len(notes) == 1 and 'std=(0.229, 0.224, 0.225)' in notes[0]
+
+
+def test_cli_eval_step_size_and_seed_are_checked(tmp_path, monkeypatch, capsys, tiny_registered_model):
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    _write_images(tmp_path / 'cifar', per_class=1)
+    base = ['eval', tiny_registered_model, '--random-init', '--data-dir', str(tmp_path / 'cifar'), '--n-examples', '2',
+            '--attacks', 'clean,pgd2', '--quiet', '--no-masking-check']
+    assert _run_cli([*base, '--step-size', '2']) == 1  # larger than the pixel range: refused
+    assert 'did you mean --step-size 2/255?' in capsys.readouterr().err
+    assert _run_cli([*base, '--step-size', '0.8']) == 0  # Huang et al.'s CLI spelling of 0.8/255: warned about
+    err = capsys.readouterr().err
+    assert 'warning: --step-size 0.8 is larger than eps (8/255)' in err and 'did you mean --step-size 0.8/255?' in err
+    assert _run_cli([*base, '--step-size', '16/255', '--eps', '4/255']) == 0  # > eps (2.5 * eps / steps is in use)
+    err = capsys.readouterr().err
+    assert 'warning: --step-size 16/255 is larger than eps (4/255)' in err and 'did you mean' not in err
+    assert _run_cli([*base, '--step-size', '8/255']) == 0  # a step of eps (FGSM's) is not warned about
+    assert 'warning' not in capsys.readouterr().err
+    assert _run_cli([*base, '--norm', 'L2', '--eps', '0.5', '--step-size', '1.5']) == 0  # L2 steps may exceed 1
+    capsys.readouterr()
+    assert _run_cli([*base, '--seed', str(2 ** 64)]) == 1
+    assert '--seed 18446744073709551616 is out of range' in capsys.readouterr().err
+
+
+# --- the RobustBench adapter ---------------------------------------------------------------------------------------
+def test_the_autoattack_shim_refuses_attacks_it_would_not_run():
+    from robust_resnets.evaluation.robustbench_adapter import AutoAttack
+
+    model, _, _ = _linear_setup()
+    with pytest.raises(ValueError, match="pass version='custom' to run exactly these attacks"):
+        AutoAttack(model, eps=8 / 255, attacks_to_run=['apgd-ce'], version='standard', device='cpu')
+    custom = AutoAttack(model, eps=8 / 255, attacks_to_run=['apgd-ce'], version='custom', device='cpu')
+    assert custom.attacks_to_run == ['apgd-ce']
+    assert AutoAttack(model, eps=8 / 255, device='cpu').attacks_to_run == ['apgd-ce', 'apgd-t', 'fab-t', 'square']
+
+
+@pytest.mark.skipif(importlib.util.find_spec('robustbench') is None,
+                    reason='robustbench is not installed (optional extra: pip install robust-resnets[robustbench])')
+def test_robustbench_benchmark_refuses_a_cifar_preprocessing_it_would_ignore(tmp_path, monkeypatch):
+    from robust_resnets.evaluation.robustbench_adapter import benchmark
+
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    _write_images(tmp_path / 'cifar', per_class=1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    with pytest.raises(ValueError, match='cannot apply another preprocessing'):
+        benchmark(model, n_examples=10, dataset='cifar10', data_dir=tmp_path / 'cifar', device='cpu',
+                  preprocessing='Res256Crop224')

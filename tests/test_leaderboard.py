@@ -9,7 +9,7 @@ from robust_resnets.attacks.spec import parse_attack
 from robust_resnets.evaluation import evaluate
 from robust_resnets.evaluation.evaluate import AttackResult, EvaluationResult
 from robust_resnets.evaluation.leaderboard import NOTE, leaderboard_rows, render_html, render_markdown
-from robust_resnets.evaluation.results import read_results, result_to_dict, write_json
+from robust_resnets.evaluation.results import read_results, result_to_dict, robustbench_model_info, write_json
 
 
 def _result(flags, *, eps=8 / 255, norm='Linf'):
@@ -55,8 +55,10 @@ def test_autoattack_column_and_delta_are_for_standard_autoattack_only(tmp_path):
     assert set(by_attacks) == {'aa-plus 50.00', 'aa-plus 25.00'}
     assert by_attacks['aa-plus 50.00']['AutoAttack'] == '-' and by_attacks['aa-plus 50.00']['delta AA'] == '-'
     assert by_attacks['aa-plus 25.00']['AutoAttack'] == '50.00'
-    assert by_attacks['aa-plus 25.00']['delta AA'] == f"{50 - float(both['robustbench_reported']['autoattack_acc']):+.2f}"
-    assert plus_only['robustbench'].get('autoattack_acc') is None  # RobustBench's field is standard AutoAttack too
+    delta = f"{50 - float(both['robustbench_reported']['autoattack_acc']):+.2f}"
+    assert by_attacks['aa-plus 25.00']['delta AA'] == f'{delta} (subset)'  # four images, not RobustBench's 10,000
+    plus_info = robustbench_model_info(_result({'aa-plus': (1, 1, 0, 0)}), dataset='cifar10', architecture='wrn_a4')
+    assert plus_info.get('autoattack_acc') is None  # RobustBench's field is standard AutoAttack too
 
 
 def test_rendered_tables_say_what_the_columns_mean(tmp_path):

@@ -94,7 +94,7 @@ def test_hub_load_from_github_style_zip(tmp_path):
     assert (repo / 'robust_resnets/weights/manifest_data').is_file()  # what torch.hub leaves
     code = ('import torch, timm; '
             f"m = torch.hub.load({str(repo)!r}, 'robust_resnet_a0', source='local', num_classes=3); "
-            "import robust_resnets; print(robust_resnets.__file__); print(len(timm.list_pretrained('robust_resnet_a0*')))")
+            "import robust_resnets; print(robust_resnets.__file__); print(len(timm.list_models('robust_resnet_a0.*', include_tags=True)))")
     out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     file, tags = out.stdout.split()[-2:]

@@ -147,11 +147,12 @@ def test_unreadable_table_file_is_refused(tmp_path, text, message):
         paper_tables.load_tables(tables_dir=tmp_path)
 
 
-def _one_table_file(tmp_path, **row_changes):
+def _one_table_file(tmp_path, evaluation=None, columns=('params_m', 'aa'), **row_changes):
     row = {'label': 'r', 'model': 'wrn_28_10', 'weights': None, 'printed': {'params_m': 36.5}, **row_changes}
     doc = {'paper': {'id': 'p', 'title': 't', 'arxiv': '1'}, 'sources': {'s': 'x'},
            'tables': [{'id': 'p_t', 'title': 't', 'source': 's', 'dataset': 'cifar10', 'threat_model': 'Linf',
-                       'eps': '8/255', 'columns': ['params_m', 'aa'], 'evaluation': {'n_examples': 10}, 'rows': [row]}]}
+                       'eps': '8/255', 'columns': list(columns), 'evaluation': {'n_examples': 10, **(evaluation or {})},
+                       'rows': [row]}]}
     (tmp_path / 'p.yaml').write_text(yaml.safe_dump(doc))
 
 
@@ -242,3 +243,58 @@ def test_accuracy_skips_rows_without_a_data_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'ConvNext-iso-CvSt' in out and 'convnext_iso_convstem.in1k_linf4: skipped: no --imagenet-dir given' in out
     assert 'vit_small_convstem.in1k_linf4: skipped: weights not published' in out
+
+
+# --- which AutoAttack an 'aa' column ran -------------------------------------------------------------------------
+def test_huang_et_al_readme_aa_columns_are_apgd_ce_and_apgd_t():
+    """Their eval_robustness.py sets attacks_to_run = ['apgd-ce', 'apgd-t']; Table 3 and RobustBench are standard."""
+    aa = {r['table']: r['attacks']['aa'] for r in accuracy.accuracy_rows(TABLES) if 'aa' in r['printed']}
+    assert aa == {'huang2022_cifar10_trades': 'aa:apgd-ce+apgd-t', 'huang2022_cifar100_trades': 'aa:apgd-ce+apgd-t',
+                  'huang2022_table3': 'aa', 'huang2022_robustbench': 'aa', 'singh2023_linf4': 'aa',
+                  'singh2023_linf4_robustbench': 'aa'}
+
+
+@pytest.mark.parametrize('evaluation,columns,message', [
+    ({'aa_attack': 'pgd20'}, ('params_m', 'aa'), 'evaluation.aa_attack must name an AutoAttack'),
+    ({'aa_attack': 'aa:apgd-x'}, ('params_m', 'aa'), 'evaluation.aa_attack must name an AutoAttack'),
+    ({'aa_attack': 'aa:apgd-ce'}, ('params_m',), "the 'aa' column, which the table does not print"),
+])
+def test_aa_attack_must_be_an_autoattack_of_an_aa_column(tmp_path, evaluation, columns, message):
+    _one_table_file(tmp_path, evaluation={'aa_attack': 'aa:apgd-ce+apgd-t'})
+    assert paper_tables.load_tables(tables_dir=tmp_path)[0]['evaluation']['aa_attack'] == 'aa:apgd-ce+apgd-t'
+    _one_table_file(tmp_path, evaluation=evaluation, columns=columns)
+    with pytest.raises(paper_tables.TableError, match='p_t'):
+        paper_tables.load_tables(tables_dir=tmp_path)
+    with pytest.raises(paper_tables.TableError) as info:
+        paper_tables.load_tables(tables_dir=tmp_path)
+    assert message in str(info.value)
+
+
+def test_accuracy_evaluates_the_aa_column_with_the_tables_autoattack(tmp_path, capsys, monkeypatch):
+    """RRN-A1 of the CIFAR-10 TRADES table runs aa:apgd-ce+apgd-t, and its printed AA is compared with that."""
+    import torch
+    import torch.nn as nn
+
+    import robust_resnets.evaluation as evaluation
+    from robust_resnets.evaluation import sources
+
+    row = next(r for t in TABLES if t['id'] == 'huang2022_cifar10_trades' for r in t['rows'] if r['label'] == 'RRN-A1')
+    (tmp_path / f"{row['weights']}.safetensors").write_bytes(b'')
+    run = {}
+
+    class Result:
+        accuracy = {'clean': 0.8546, 'pgd20': 0.5847, 'cw40': 0.5572, 'aa:apgd-ce+apgd-t': 0.5442}
+
+    def fake_evaluate(model, images, labels, *, attacks, **kwargs):
+        run['attacks'] = attacks
+        return Result()
+
+    monkeypatch.setattr(sources, 'load_model', lambda *a, **k: nn.Identity())
+    monkeypatch.setattr(sources, 'load_dataset', lambda *a, **k: (torch.zeros(2, 3, 32, 32), torch.zeros(2), None))
+    monkeypatch.setattr(evaluation, 'evaluate', fake_evaluate)
+    assert accuracy.main(['--tables', 'huang2022_cifar10_trades', '--weights-dir', str(tmp_path), '--data-dir',
+                          str(tmp_path), '--n-examples', '2']) == 0
+    assert run['attacks'] == ['clean', 'pgd20', 'cw40', 'aa:apgd-ce+apgd-t']
+    out = capsys.readouterr().out
+    aa_line, = [line for line in out.splitlines() if 'RRN-A1' in line and ' aa ' in line]
+    assert aa_line.split()[-6:-2] == ['aa', '54.42', '54.42', '+0.00'] and aa_line.endswith('reproduced')

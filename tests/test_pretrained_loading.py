@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import robust_resnets  # noqa: F401
 from robust_resnets.weights.hub import ChecksumError
 
-from _weights_fixtures import entry, populate_hf_cache, use_manifest, weight_files
+from _weights_fixtures import COMMIT, entry, populate_hf_cache, use_manifest, weight_files
 
 NAME = 'preact_resnet.fx_tiny'
 REPO = 'robust-resnets-test/fx_tiny'
@@ -59,8 +59,16 @@ def _assert_loaded(model, sd, skip=()):
             assert torch.equal(msd[k], v), k
 
 
-def test_tags_are_listed(hub_env):
-    assert {NAME, 'preact_resnet.fx_unpublished'} <= set(timm.list_pretrained('preact_resnet.fx_*'))
+def test_only_loadable_tags_are_listed(hub_env, tmp_path, monkeypatch):
+    """Every tag has its cfg; timm.list_pretrained lists only those whose weights can load."""
+    assert {NAME, 'preact_resnet.fx_unpublished'} <= set(timm.list_models('preact_resnet.fx_*', include_tags=True))
+    assert NAME in timm.list_pretrained('preact_resnet.fx_*')
+    assert 'preact_resnet.fx_unpublished' not in timm.list_pretrained('preact_resnet.fx_*')
+    assert timm.models.get_pretrained_cfg('preact_resnet.fx_unpublished').tag == 'fx_unpublished'
+    with pytest.raises(RuntimeError, match='no published weights yet'):  # not timm's "no pretrained weights"
+        timm.create_model('preact_resnet.fx_unpublished', pretrained=True)
+    use_manifest(monkeypatch, tmp_path / 'withdrawn', {NAME: entry(name='fx_tiny', model_args=TINY)})
+    assert NAME not in timm.list_pretrained('preact_resnet.fx_*')  # a re-read manifest that no longer publishes it
 
 
 def test_offline_cache_loads(hub_env, monkeypatch, tiny_weights):
@@ -83,9 +91,16 @@ def test_offline_cache_loads(hub_env, monkeypatch, tiny_weights):
     assert [o.shape[1] for o in outs] == feats.feature_info.channels()
 
 
-def test_offline_empty_cache_says_what_to_do(hub_env, monkeypatch):
+@pytest.mark.parametrize('version, command', [('0.34.0', 'hf download'), ('1.2.0', 'hf download'),
+                                              ('0.23.4', 'huggingface-cli download')])
+def test_offline_empty_cache_says_what_to_do(hub_env, monkeypatch, version, command):
+    """The command named is the one the installed huggingface_hub has (`hf` from 0.34)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, '__version__', version)
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    with pytest.raises(RuntimeError, match=r'HF_HUB_OFFLINE is set.*not in.*hf download robust-resnets-test/fx_tiny'):
+    with pytest.raises(RuntimeError, match=rf'HF_HUB_OFFLINE is set.*not in.*`{command} robust-resnets-test/fx_tiny '
+                                           rf'model.safetensors`'):
         timm.create_model(NAME, pretrained=True)
 
 
@@ -109,9 +124,10 @@ def test_unpublished_entry_points_to_original_and_converter(hub_env):
 
 
 def test_local_file(hub_env, tiny_weights, tmp_path):
-    data, sd = tiny_weights
+    _, sd = tiny_weights
     local = tmp_path / 'model.safetensors'
-    local.write_bytes(data)
+    save_file(sd, str(local), metadata={'architecture': 'preact_resnet', 'tag': 'fx_unpublished', 'num_classes': '10',
+                                        'model_args': '{"depths": [1, 1, 1], "widths": [1, 1, 1]}'})
     # the unpublished entry loads from a local file; timm 1.0.9 and newer take the same route
     model = timm.create_model('preact_resnet.fx_unpublished', pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(local)))
@@ -136,14 +152,92 @@ def test_file_for_another_architecture_or_class_count(hub_env, tmp_path, tiny_we
         timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(hundred)))
 
 
+def test_file_converted_for_another_tag_of_the_architecture(tmp_path, monkeypatch, tiny_weights):
+    """A file made for a ReLU tag does not load silently into a SiLU tag of the same architecture (same tensors)."""
+    import json
+
+    _, sd = tiny_weights
+    silu = dict(TINY, activations='SiLU')
+    use_manifest(monkeypatch, tmp_path / 'manifest', {
+        'preact_resnet.fx_relu': entry(name='fx_relu', model_args=TINY),
+        'preact_resnet.fx_silu': entry(name='fx_silu', model_args=silu),
+    })
+
+    def converted(tag, args):  # the metadata robust-resnets convert writes
+        path = tmp_path / f'{tag}.safetensors'
+        save_file(sd, str(path), metadata={'architecture': 'preact_resnet', 'tag': tag, 'num_classes': '10',
+                                           'model_args': json.dumps(args, sort_keys=True)})
+        return dict(file=str(path))
+
+    relu_file = converted('fx_relu', TINY)
+    with pytest.raises(ValueError, match=r"converted for preact_resnet\.fx_relu, not preact_resnet\.fx_silu \(its "
+                                         r"model_args .* differ .*\); create 'preact_resnet\.fx_relu' instead"):
+        timm.create_model('preact_resnet.fx_silu', pretrained=True, pretrained_cfg_overlay=relu_file)
+    _assert_loaded(timm.create_model('preact_resnet.fx_relu', pretrained=True, pretrained_cfg_overlay=relu_file), sd)
+    stale = converted('fx_silu', TINY)  # converted before the entry's model_args changed
+    with pytest.raises(ValueError, match=r"converted for preact_resnet\.fx_silu with model_args .* now builds it "
+                                         r"with .*'activations': 'SiLU'.*re-convert"):
+        timm.create_model('preact_resnet.fx_silu', pretrained=True, pretrained_cfg_overlay=stale)
+    silu_file = converted('fx_silu', silu)
+    _assert_loaded(timm.create_model('preact_resnet.fx_silu', pretrained=True, pretrained_cfg_overlay=silu_file), sd)
+
+
+def test_overlay_naming_its_own_source_loads_it(hub_env, monkeypatch, tiny_weights, tmp_path):
+    """pretrained_cfg_overlay=dict(hf_hub_id=...) or url=... loads the caller's weights, not the manifest's."""
+    from huggingface_hub import constants
+
+    cache, data, sha = hub_env
+    populate_hf_cache(cache, REPO, 'model.safetensors', data, sha)  # the manifest's file is there too
+    _, sd = tiny_weights
+    mine = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    path = tmp_path / 'mine.safetensors'
+    save_file(mine, str(path))
+    populate_hf_cache(cache, 'someone/fine-tune', 'model.safetensors', path.read_bytes(),
+                      hashlib.sha256(path.read_bytes()).hexdigest())
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)  # timm's own download reads the value of import time
+    for name in (NAME, 'preact_resnet.fx_unpublished'):
+        model = timm.create_model(name, pretrained=True, cache_dir=str(cache),
+                                  pretrained_cfg_overlay=dict(hf_hub_id='someone/fine-tune'))
+        _assert_loaded(model, mine)
+        assert model.pretrained_cfg['hf_hub_id'] == 'someone/fine-tune'
+
+    torch.save(mine, str(tmp_path / 'mine.pth'))
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    model = timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(url=(tmp_path / 'mine.pth').as_uri()))
+    _assert_loaded(model, mine)
+    assert [len(s.blocks) for s in model.stages] == [1, 1, 1]  # the tag still gives the architecture
+
+
+def test_pinned_revision_survives_a_later_upload(hub_env, monkeypatch, tiny_weights, tmp_path):
+    """An entry pinned to its upload's commit loads that file after main moved to a new upload."""
+    cache, data, sha = hub_env
+    populate_hf_cache(cache, REPO, 'model.safetensors', data, sha)  # the upload the entry was published from
+    newer = data[:-1] + bytes([data[-1] ^ 1])
+    populate_hf_cache(cache, REPO, 'model.safetensors', newer, hashlib.sha256(newer).hexdigest(), commit='c' * 40)
+    pinned = {'repo_id': REPO, 'filename': 'model.safetensors', 'revision': COMMIT}
+    use_manifest(monkeypatch, tmp_path / 'pinned', {NAME: entry(name='fx_tiny', model_args=TINY, published=True,
+                                                                sha256=sha, size=len(data), hf_hub=pinned)})
+    assert robust_resnets.weights.get_weights(NAME).hf_revision == COMMIT
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    _assert_loaded(timm.create_model(NAME, pretrained=True), tiny_weights[1])
+    assert len(weight_files(cache)) == 4  # the newer upload's file is not touched
+
+    missing = dict(pinned, revision='d' * 40)
+    use_manifest(monkeypatch, tmp_path / 'missing', {NAME: entry(name='fx_tiny', model_args=TINY, published=True,
+                                                                 sha256=sha, size=len(data), hf_hub=missing)})
+    with pytest.raises(RuntimeError, match=rf'\(revision {"d" * 40}\) is not in.*--revision {"d" * 40}`'):
+        timm.create_model(NAME, pretrained=True)
+
+
 def test_manifest_folders_added_after_import(tmp_path, monkeypatch, tiny_weights):
     """Tags of a folder named after the import load without calling register_manifest() by hand."""
     from robust_resnets.weights import manifest as mf
     from _weights_fixtures import write_manifest
 
-    data, sd = tiny_weights
+    _, sd = tiny_weights
     local = tmp_path / 'model.safetensors'
-    local.write_bytes(data)
+    save_file(sd, str(local))  # a training run's export: no tag in its metadata
     overlay = dict(file=str(local))
     monkeypatch.setattr(mf, '_EXTRA_DIRS', [])
     late = write_manifest(tmp_path / 'env', {'preact_resnet.fx_late_env': entry(name='fx_late_env', model_args=TINY)})
@@ -152,7 +246,7 @@ def test_manifest_folders_added_after_import(tmp_path, monkeypatch, tiny_weights
 
     added = write_manifest(tmp_path / 'added', {'preact_resnet.fx_late_add': entry(name='fx_late_add', model_args=TINY)})
     mf.add_manifest_dir(added.parent)
-    assert 'preact_resnet.fx_late_add' in timm.list_pretrained('preact_resnet.fx_late*')
+    assert 'preact_resnet.fx_late_add' in timm.list_models('preact_resnet.fx_late*', include_tags=True)
     _assert_loaded(timm.create_model('preact_resnet.fx_late_add', pretrained=True, pretrained_cfg_overlay=overlay), sd)
 
     clash = write_manifest(tmp_path / 'clash', {'preact_resnet.fx_late_add': entry(name='fx_late_add')})
@@ -199,17 +293,20 @@ def test_model_args_and_untagged_default(hub_env):
 class _HubHandler(http.server.BaseHTTPRequestHandler):
     files: dict = {}
     mode = 'good'
+    paths: list = []
 
     def log_message(self, *args):
         pass
 
     def _resolve(self):
+        self.paths.append(self.path.split('?')[0])
         m = re.match(r'^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$', self.path.split('?')[0])
         return self.files.get((m.group(1), m.group(3))) if m else None
 
     def _headers(self, data: bytes):
         self.send_response(200)
-        self.send_header('X-Repo-Commit', 'b' * 40)
+        revision = self.path.split('?')[0].split('/')[4]
+        self.send_header('X-Repo-Commit', revision if re.fullmatch('[0-9a-f]{40}', revision) else 'b' * 40)
         self.send_header('ETag', '"' + hashlib.sha256(data).hexdigest() + '"')
         self.send_header('Content-Length', str(len(data)))
         self.send_header('Content-Type', 'application/octet-stream')
@@ -242,7 +339,8 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def local_hub(hub_env, monkeypatch):
     cache, data, sha = hub_env
-    handler = type('Handler', (_HubHandler,), {'files': {(REPO, 'model.safetensors'): data}, 'mode': 'good'})
+    handler = type('Handler', (_HubHandler,), {'files': {(REPO, 'model.safetensors'): data}, 'mode': 'good',
+                                               'paths': []})
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -258,6 +356,18 @@ def test_download_from_hub_loads(local_hub, tiny_weights):
     model = timm.create_model(NAME, pretrained=True)
     _assert_loaded(model, tiny_weights[1])
     assert any(p.name == 'model.safetensors' for p in weight_files(cache))
+    assert set(handler.paths) == {f'/{REPO}/resolve/main/model.safetensors'}
+
+
+def test_download_of_a_pinned_revision(local_hub, tiny_weights, tmp_path, monkeypatch):
+    handler, cache = local_hub
+    data = tiny_weights[0]
+    sha = hashlib.sha256(data).hexdigest()
+    pinned = {'repo_id': REPO, 'filename': 'model.safetensors', 'revision': COMMIT}
+    use_manifest(monkeypatch, tmp_path / 'pinned', {NAME: entry(name='fx_tiny', model_args=TINY, published=True,
+                                                                sha256=sha, size=len(data), hf_hub=pinned)})
+    _assert_loaded(timm.create_model(NAME, pretrained=True), tiny_weights[1])
+    assert set(handler.paths) == {f'/{REPO}/resolve/{COMMIT}/model.safetensors'}
 
 
 @pytest.mark.parametrize('mode, error, match', [

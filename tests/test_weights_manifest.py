@@ -17,8 +17,10 @@ from robust_resnets.weights.registry import register_manifest
 
 from _weights_fixtures import entry, write_manifest
 
-# tags timm knows right after `import robust_resnets` (captured at collection, before any test registers more)
-TAGS_AT_IMPORT = set(timm.list_pretrained())
+# tags timm knows right after `import robust_resnets` (captured at collection, before any test registers more):
+# every tag, and those it lists as pretrained (weights that can load)
+TAGS_AT_IMPORT = set(timm.list_models(include_tags=True))
+PRETRAINED_AT_IMPORT = set(timm.list_pretrained())
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGED = load_manifest([REPO_ROOT / 'weights_manifest'])
 
@@ -170,12 +172,15 @@ def test_normalisation_inside_matches_the_architecture():
 
 
 def test_every_tag_is_registered_with_timm():
-    listed = TAGS_AT_IMPORT
+    """Every tag has its cfg; timm.list_pretrained lists the tags whose weights can load (published or shipped)."""
     for name, w in get_manifest().items():
         if timm.is_model(w.architecture):
-            assert name in listed, name
-    rrn = set(timm.list_pretrained('robust_resnet*'))
+            assert name in TAGS_AT_IMPORT, name
+            assert (name in PRETRAINED_AT_IMPORT) == (w.published or w.package_file is not None), name
+    rrn = set(timm.list_models('robust_resnet*', include_tags=True))
     assert {n for n in PACKAGED if n.startswith('robust_resnet_')} <= rrn
+    with pytest.raises(RuntimeError, match='not shipped yet|no published weights yet'):  # our message, not timm's
+        timm.create_model('robust_resnet_a2.cifar100_trades', pretrained=True)
     cfg = timm.models.get_pretrained_cfg('robust_resnet_a2.cifar100_trades')
     assert cfg.num_classes == 100 and cfg.hf_hub_id == 'robust-resnets/robust_resnet_a2.cifar100_trades'
     assert cfg.mean == (0.0, 0.0, 0.0) and cfg.std == (1.0, 1.0, 1.0) and cfg.paper_ids == 'arXiv:2212.11005'
@@ -222,6 +227,8 @@ BROKEN = [
     ('package file without sha', lambda e: e.update(package_file='preact_resnet.fx/model.safetensors'),
      'package_file needs its sha256 and size'),
     ('unknown origin', lambda e: e.update(origin='me'), 'origin must be one of'),
+    ('revision a branch', lambda e: e['hf_hub'].update(revision='main'), 'hf_hub.revision must be the 40-hex-digit'),
+    ('unknown hf_hub key', lambda e: e['hf_hub'].update(branch='main'), 'optional "revision"'),
 ]
 
 
@@ -247,6 +254,34 @@ def test_bad_names_duplicates_and_files(tmp_path):
         load_manifest([tmp_path])
     (tmp_path / 'b.json').write_text(json.dumps({'entries': {}, 'extra': 1}))
     with pytest.raises(ManifestError, match='unknown top-level keys'):
+        load_manifest([tmp_path])
+
+
+def test_hub_revision_pins_the_download(tmp_path):
+    e = entry(published=True, sha256='0' * 64, size=10)
+    e['hf_hub']['revision'] = 'a' * 40  # the commit `robust-resnets publish` printed
+    write_manifest(tmp_path, {'preact_resnet.fx': e})
+    w = load_manifest([tmp_path])['preact_resnet.fx']
+    assert w.hf_revision == 'a' * 40 and w.to_json()['hf_hub']['revision'] == 'a' * 40
+    assert get_manifest()['robust_resnet_a1.cifar10_trades'].hf_revision is None  # unpinned: main
+    assert 'revision' in mf.ENTRY_FIELDS['hf_hub'][1]
+
+
+@pytest.mark.parametrize('where', ['entry', 'field', 'nested'])
+def test_duplicate_keys_are_refused(tmp_path, where):
+    """JSON keeps the last of duplicate keys: a stale entry pasted beside its update would shadow it silently."""
+    one = json.dumps(entry(), indent=1)
+    if where == 'entry':
+        text = f'{{"entries": {{"preact_resnet.fx": {one}, "preact_resnet.fx": {one}}}}}'
+        key = 'preact_resnet.fx'
+    elif where == 'field':
+        text = f'{{"entries": {{"preact_resnet.fx": {one[:-1]}, "license": "unknown"}}}}}}'
+        key = 'license'
+    else:
+        text = '{"entries": {"preact_resnet.fx": ' + one.replace('"clean": 80.0', '"clean": 80.0, "clean": 81.0') + '}}'
+        key = 'clean'
+    (tmp_path / 'dup.json').write_text(text)
+    with pytest.raises(ManifestError, match=rf"dup\.json: key '{key}' appears twice in one object"):
         load_manifest([tmp_path])
 
 

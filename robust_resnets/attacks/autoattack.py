@@ -10,7 +10,9 @@ attack of a configured adversary runs with, for results files.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+import re
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -105,6 +107,23 @@ def autoattack_settings(adversary) -> Dict[str, Any]:
     return {'version': adversary.version, 'attacks': list(adversary.attacks_to_run), 'per_attack': per_attack}
 
 
+class _Collect(logging.Handler):
+    """Keeps the WARNING records of pyautoattack's logger, once per message (numbers masked: the zero-gradient
+    check prints a count that changes from batch to batch)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.seen: Set[str] = set()
+        self.new: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        key = re.sub(r'\d+', '#', msg)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.new.append(msg)
+
+
 def iter_autoattack(
         adversary,
         images: Tensor,
@@ -113,12 +132,18 @@ def iter_autoattack(
         *,
         batch_size: int,
         skip: Sequence[str] = (),
+        on_warning: Optional[Callable[[str], None]] = None,
 ) -> Iterator[Tuple[str, Tensor, Tensor]]:
     """Runs the adversary's attacks in order on the examples flagged ``robust``, one batch at a time.
 
     After each batch it yields ``(attack, indices, adversarial images of those indices)``; the caller
     updates ``robust`` in place (False where the adversarial image is misclassified) before the next
     batch, which is how later attacks see only the examples that are left.
+
+    pyautoattack checks every call for signs of an unreliable evaluation (outputs that are probabilities
+    rather than logits, zero gradients, a dynamic or randomised model, too few classes for the targeted
+    attacks) and logs a warning to its ``auto-attack`` logger. Here those warnings are collected instead
+    of printed once per batch, and each kind is passed on once, as ``'AutoAttack (<attack>): <message>'``.
 
     Args:
         adversary: From :func:`build_autoattack`.
@@ -127,11 +152,27 @@ def iter_autoattack(
         robust: Boolean flags, N, on the device of ``images``: the examples still to attack.
         batch_size: Examples per batch.
         skip: Attacks already completed (from a resumed state).
+        on_warning: Called with each of pyautoattack's warnings, once per kind, before the batch that raised
+            it is yielded (default: ``warnings.warn`` with a ``UserWarning``).
     """
     attacks: List[str] = list(adversary.attacks_to_run)
     logger = logging.getLogger('auto-attack')
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # its per-call checks are run once by the caller instead
+    level, propagate = logger.level, logger.propagate
+    collect = _Collect()
+    # its per-call checks would print every batch: they are collected, and passed on once each
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    logger.addHandler(collect)
+
+    def pass_on(attack: str) -> None:
+        for msg in collect.new:
+            text = f'AutoAttack ({attack}): {msg}'
+            if on_warning is None:
+                warnings.warn(text, UserWarning, stacklevel=3)
+            else:
+                on_warning(text)
+        collect.new.clear()
+
     try:
         for attack in attacks:
             if attack in skip:
@@ -143,11 +184,14 @@ def iter_autoattack(
                 x, y = images[idx].to(adversary.device), labels[idx].to(adversary.device)
                 x = x if x.is_floating_point() else x.float() / 255
                 adv, _ = adversary.run_standard_evaluation(x, y, batch_size=idx.numel())
+                pass_on(attack)
                 yield attack, idx, adv.detach()
             yield attack, todo[:0], images[:0]  # end of this attack: lets the caller save its state
     finally:
         adversary.attacks_to_run = attacks
+        logger.removeHandler(collect)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def autoattack_attack(
@@ -165,7 +209,8 @@ def autoattack_attack(
 ) -> Tensor:
     """Returns AutoAttack's adversarial images (the clean image where no attack succeeded).
 
-    Arguments are those of :func:`build_autoattack`, plus the batch size.
+    Arguments are those of :func:`build_autoattack`, plus the batch size. pyautoattack's checks (probability
+    outputs, zero gradients, ...) come out as ``UserWarning``s, once each (see :func:`iter_autoattack`).
     """
     adversary = build_autoattack(model, eps=eps, norm=norm, version=version, attacks=attacks, seed=seed,
                                  device=device)

@@ -70,14 +70,31 @@ def _per_example_l2(x: Tensor) -> Tensor:
 
 
 def project(adv: Tensor, images: Tensor, *, eps: float, norm: str) -> Tensor:
-    """Projects ``adv`` onto the eps ball around ``images`` and then onto the [0, 1] box."""
-    delta = adv - images
+    """Projects ``adv`` onto the eps ball around ``images`` and then onto the [0, 1] box.
+
+    The projection is computed in float32 (float64 kept). Half-precision images (bfloat16, float16) get the
+    result rounded to their dtype towards the clean image, coordinate by coordinate: rounding to the nearest
+    value could step outside the ball (8.47/255 at eps 8/255 in bfloat16), rounding towards ``images`` does not.
+
+    Returns:
+        Images of the dtype of ``images``, within eps of them and in [0, 1].
+    """
+    dtype = images.dtype
+    x = images if dtype in (torch.float32, torch.float64) else images.float()
+    delta = adv.to(x.dtype) - x
     if norm == 'Linf':
         delta = delta.clamp(-eps, eps)
     else:
         delta = delta * (eps / _per_example_l2(delta).clamp(min=1e-12)).clamp(max=1.0)
     # clipping to the box moves every coordinate towards images, so the ball constraint still holds
-    return (images + delta).clamp(0.0, 1.0)
+    out = (x + delta).clamp(0.0, 1.0)
+    if out.dtype == dtype:
+        return out
+    rounded = out.to(dtype)
+    # where rounding moved a coordinate away from the clean image, the neighbouring value towards it lies
+    # between the exact result and the (representable) clean value: inside the ball and the box
+    away = (rounded.to(x.dtype) - x).abs() > (out - x).abs()
+    return torch.where(away, torch.nextafter(rounded, images), rounded)
 
 
 def _random_delta(shape: torch.Size, *, eps: float, norm: str, generator: Optional[torch.Generator],

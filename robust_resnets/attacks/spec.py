@@ -24,7 +24,10 @@ from .autoattack import AUTOATTACK_ATTACKS, AUTOATTACK_NORMS
 
 __all__ = ['AttackSpec', 'parse_attack', 'parse_attacks', 'DEFAULT_ATTACKS', 'default_step_size']
 
-#: Huang et al. (2022) report clean, PGD-20, CW-40 and AutoAttack (standard).
+#: Clean, PGD-20 and CW-40 as Huang et al. (2022) evaluate them, and AutoAttack standard (RobustBench's). Huang et
+#: al.'s own eval_robustness.py (zhichao-lu/robust-residual-network at 8c6d2c2) runs only AutoAttack's APGD-CE and
+#: APGD-T, with standard's settings (``attacks_to_run = ['apgd-ce', 'apgd-t']``): ``aa:apgd-ce+apgd-t`` here.
+#: benchmarks/tables/huang2022.yaml says which of their tables' AA columns that is (``evaluation.aa_attack``).
 DEFAULT_ATTACKS = ('clean', 'pgd20', 'cw40', 'aa')
 
 _ITERATIVE = re.compile(r'^(pgd|cw)(\d+)(?:r(\d+))?(n?)$')

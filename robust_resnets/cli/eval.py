@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--eps', default=None, help='threat model radius, e.g. 8/255 (default: the manifest entry '
                                                     "of the tag, else 8/255 for CIFAR and 4/255 for ImageNet)")
     parser.add_argument('--norm', default=None, choices=('Linf', 'L2', 'L1'), help='default Linf or the tag\'s')
-    parser.add_argument('--step-size', default=None, help='PGD/CW step (default eps/10, i.e. 0.8/255 at 8/255)')
+    parser.add_argument('--step-size', default=None, help='PGD/CW step, in pixel units like --eps (default eps/10, '
+                                                          'i.e. 0.8/255 at 8/255)')
     parser.add_argument('--n-examples', type=int, default=None,
                         help='first N test images (default: all; 5000 for ImageNet)')
     parser.add_argument('--data-dir', default='./data', help='dataset folder or archive (default: %(default)s)')
@@ -38,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                 'numbers (found automatically for known models)')
     parser.add_argument('--batch-size', type=int, default=None, help='default: the largest that fits the GPU')
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the attacks and of --random-init')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the attacks and of --random-init '
+                                                            '(0 to 2**63 - 1)')
     parser.add_argument('--state', default=None, help='progress file to resume an interrupted run '
                                                       '(default: OUT.state.json when --out is given)')
     parser.add_argument('--out', default=None, help='results JSON to write (atomically)')
@@ -85,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from robust_resnets.evaluation import evaluate
-    from robust_resnets.evaluation.results import parse_eps, result_to_dict, write_json
-    from robust_resnets.evaluation.sources import check_input_fits, load_dataset, load_model, weights_entry
+    from robust_resnets.evaluation.evaluate import SEED_RANGE
+    from robust_resnets.evaluation.results import format_eps, parse_eps, result_to_dict, write_json
+    from robust_resnets.evaluation.sources import check_input_fits, load_dataset, load_model, model_notes, weights_entry
 
     entry = weights_entry(args.model)
     if args.dataset is None:
@@ -100,6 +103,17 @@ def run(args: argparse.Namespace) -> int:
     if norm == 'Linf' and eps > 1:
         raise ValueError(f'--eps {args.eps} is larger than the whole [0, 1] pixel range; Linf radii are in pixel '
                          f'units: did you mean --eps {args.eps}/255?')
+    if norm == 'Linf' and step_size is not None and step_size > 1:
+        raise ValueError(f'--step-size {args.step_size} is larger than the whole [0, 1] pixel range; Linf steps are '
+                         f'in pixel units: did you mean --step-size {args.step_size}/255?')
+    if norm == 'Linf' and step_size is not None and step_size > eps:
+        # not refused: a step of 2.5 * eps / steps is in use; but 0.8 is how Huang et al.'s scripts spell 0.8/255
+        hint = f' Steps are in pixel units like --eps: did you mean --step-size {args.step_size}/255?' \
+            if '/' not in args.step_size else ''
+        print(f'robust-resnets eval: warning: --step-size {args.step_size} is larger than eps ({format_eps(eps)}): '
+              f'every PGD/CW step crosses the whole ball (the default is eps/10).{hint}', file=sys.stderr)
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise ValueError(f'--seed {args.seed} is out of range; give a seed from 0 to 2**63 - 1.')
     if args.checkpoint is not None and args.random_init:
         raise ValueError('--checkpoint and --random-init exclude each other.')
     if args.key is not None and args.checkpoint is None:
@@ -109,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # makes --random-init weights repeatable
     model = load_model(args.model, dataset=args.dataset, checkpoint=args.checkpoint, checkpoint_key=args.key,
                        random_init=args.random_init, device=device)
+    notes = model_notes(model, name=args.model)
+    for note in notes:
+        print(f'robust-resnets eval: note: {note}', file=sys.stderr)
     images, labels, preprocessing = load_dataset(args.dataset, data_dir=args.data_dir, n_examples=args.n_examples,
                                                  model=model, imagenet_subset=args.imagenet_subset,
                                                  download=args.download, progress=not args.quiet)
@@ -123,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     arch, _, tag = args.model.partition('.')
     data = result_to_dict(result, model=args.model, dataset=args.dataset, architecture=arch, tag=tag or None,
                           checkpoint=args.checkpoint, data_source=str(args.data_dir), preprocessing=preprocessing,
-                          random_init=args.random_init, robustbench_id=args.robustbench_id)
+                          random_init=args.random_init, robustbench_id=args.robustbench_id, notes=notes)
     print(format_table(data))
     if args.out:
         write_json(data, args.out)

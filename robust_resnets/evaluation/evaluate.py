@@ -29,7 +29,11 @@ from ..files import write_text
 
 __all__ = ['evaluate', 'EvaluationResult', 'AttackResult', 'GradientMaskingWarning']
 
-STATE_VERSION = 3  # 2: the fingerprint holds a digest of the weights; 3: and AutoAttack's per-attack settings
+#: 2: the fingerprint holds a digest of the weights; 3: and AutoAttack's per-attack settings; 4: and AutoAttack's
+#: batch size (its random draws follow its batches)
+STATE_VERSION = 4
+#: seeds :func:`evaluate` takes: the non-negative int64 values (torch generators and AutoAttack take them as they are)
+SEED_RANGE = (0, 2 ** 63 - 1)
 
 
 class GradientMaskingWarning(UserWarning):
@@ -72,7 +76,8 @@ class EvaluationResult:
         device: Device the evaluation ran on.
         unbounded_accuracy: Accuracy under PGD with an eps that covers the whole image box, on a
             sample (None when that check did not run); should be 0.
-        warnings: Messages of the warnings raised (gradient masking signs).
+        warnings: Messages of the warnings raised: gradient masking signs, and AutoAttack's own checks
+            (``'AutoAttack (<attack>): ...'``, once each).
         seconds: Total wall time.
     """
 
@@ -183,7 +188,12 @@ def _auto_batch_size(model: nn.Module, sample: Tensor, n: int, device: torch.dev
 
 
 def _example_seeds(seed: int, name: str, n: int) -> Tensor:
-    base = (seed * 1_000_003 + zlib.crc32(name.encode())) * 10_000_019
+    """One int64 seed per example, from the evaluation's seed and the attack's name.
+
+    The base is reduced modulo 2**62, so that it and base + n stay within int64 for any seed (seeds below
+    450,000 keep the draws of earlier versions, which did not reduce it and overflowed for large seeds).
+    """
+    base = (seed * 1_000_003 + zlib.crc32(name.encode())) * 10_000_019 % 2 ** 62
     return base + torch.arange(n, dtype=torch.int64)
 
 
@@ -212,9 +222,13 @@ class _State:
                 raise ValueError(f'The state file {path} was written by another version of robust-resnets '
                                  f'(state version {data.get("version")}, expected {STATE_VERSION}); delete it to '
                                  f'start over.')
-            if data.get('fingerprint') != fingerprint:
+            saved = data.get('fingerprint')
+            if saved != fingerprint:
+                differ = sorted(k for k in set(fingerprint) | set(saved or {})
+                                if (saved or {}).get(k) != fingerprint.get(k))
                 raise ValueError(f'The state file {path} belongs to a different evaluation (model weights, data, '
-                                 f'attacks or settings differ). Delete it, or pass another state path.')
+                                 f'attacks or settings differ: {", ".join(differ)}). Delete it, or pass another '
+                                 f'state path.')
             self.attacks = data.get('attacks', {})
 
     def get(self, name: str) -> Dict[str, Any]:
@@ -237,7 +251,9 @@ class _State:
 
 
 def _fingerprint(model: nn.Module, images: Tensor, labels: Tensor, specs: Sequence[AttackSpec],
-                 seed: int) -> Dict[str, Any]:
+                 seed: int, batch_size: int) -> Dict[str, Any]:
+    """What a resumed evaluation must share with the interrupted one. The batch size counts only for
+    AutoAttack, whose random draws follow its batches (every other attack draws per example)."""
     digest = hashlib.sha1()
     digest.update(labels.cpu().numpy().tobytes())
     digest.update(images[:, :, ::4, ::4].contiguous().cpu().numpy().tobytes())
@@ -245,6 +261,7 @@ def _fingerprint(model: nn.Module, images: Tensor, labels: Tensor, specs: Sequen
         'parameters': sum(p.numel() for p in model.parameters()), 'weights': _weights_digest(model),
         'data': digest.hexdigest(), 'n_examples': int(images.shape[0]), 'seed': seed,
         'attacks': {s.name: s.settings() for s in specs},
+        'autoattack_batch_size': batch_size if any(s.kind == 'autoattack' for s in specs) else None,
     }
 
 
@@ -324,23 +341,26 @@ def evaluate(
         batch_size: Examples per batch (default: the largest that fits on a GPU, 128 on a CPU). Results
             do not depend on it, except AutoAttack's.
         device: Where to run (default: where the model's parameters are). The model is moved there.
-        seed: Seed of every random draw.
+        seed: Seed of every random draw, 0 to 2**63 - 1.
         state_path: JSON file recording progress; an interrupted evaluation of the same weights with the
-            same data and arguments resumes from it.
+            same data and arguments (with AutoAttack: the same batch size) resumes from it.
         progress: Show tqdm progress bars.
         allow_train_mode: Evaluate a model that is in train mode instead of refusing.
         allow_randomized: Evaluate a model whose outputs vary between identical calls instead of refusing.
         check_masking: Warn on signs of gradient masking, including one extra PGD run with an eps that
-            covers the whole image box on up to 100 examples (its accuracy should be 0).
+            covers the whole image box on up to 100 examples (its accuracy should be 0). AutoAttack's own
+            checks (probability outputs, zero gradients, dynamic models, too few classes) warn either way.
 
     Returns:
         An :class:`EvaluationResult`.
 
     Raises:
-        ValueError: Bad images, labels or attack names; a model in train mode or randomised (unless
+        ValueError: Bad images, labels, attack names or seed; a model in train mode or randomised (unless
             allowed); a state file from another evaluation.
     """
     t_start = time.perf_counter()
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f'seed must be an integer from {SEED_RANGE[0]} to 2**63 - 1, got {seed!r}.')
     _check_inputs(model, images, labels, allow_train_mode)
     specs = _resolve_specs(attacks, eps=eps, norm=norm, step_size=step_size)
     if device is None:
@@ -361,8 +381,8 @@ def evaluate(
         batch_size = _auto_batch_size(model, images, n, device)
     elif batch_size < 1:
         raise ValueError(f'batch_size must be positive, got {batch_size}.')
-    state = _State(Path(state_path), _fingerprint(model, images, labels, specs, seed)) if state_path is not None \
-        else _State(None, {})
+    state = _State(Path(state_path), _fingerprint(model, images, labels, specs, seed, batch_size)) \
+        if state_path is not None else _State(None, {})
     runner = _Runner(batch_size, progress)
     raised: List[str] = []
 
@@ -399,6 +419,8 @@ def evaluate(
             continue
         correct = _State.decode(entry['correct'], device) if 'correct' in entry else clean_correct.clone()
         components: Dict[str, float] = dict(entry.get('components', {}))
+        for msg in entry.get('warnings', ()):  # raised before an interruption: in the state file
+            warn(msg)
         if not entry.get('complete'):
             def save(pos: Optional[int] = None, force: bool = False) -> None:
                 entry.update(correct=_State.encode(correct), seconds=time.perf_counter() - t0, components=components)
@@ -407,7 +429,14 @@ def evaluate(
                 state.save(force=force)
 
             if spec.kind == 'autoattack':
-                _run_autoattack(model, adversaries[spec.name], images, labels, spec, correct, components, runner, save)
+                def aa_warning(msg: str, entry: Dict[str, Any] = entry) -> None:
+                    if msg not in entry.setdefault('warnings', []):
+                        entry['warnings'].append(msg)
+                        warn(msg)
+
+                entry.setdefault('batch_size', runner.batch_size)  # its draws follow its batches: kept on resume
+                _run_autoattack(model, adversaries[spec.name], images, labels, spec, correct, components, runner, save,
+                                batch_size=int(entry['batch_size']), on_warning=aa_warning)
             else:
                 _run_gradient_attack(model, images, labels, spec, correct, candidates, seed, runner, entry, save)
             entry['complete'] = True
@@ -419,7 +448,7 @@ def evaluate(
                               batch_size=runner.batch_size, device=str(device))
     if check_masking:
         _check_masking(result, warn)
-        if any(s.needs_gradients and s.kind != 'autoattack' for s in specs) and candidates.numel():
+        if any(s.needs_gradients for s in specs) and candidates.numel():
             result.unbounded_accuracy = _unbounded_accuracy(model, images, labels, candidates, specs, seed, norm)
             if result.unbounded_accuracy > 0:
                 warn(f'PGD with an eps covering the whole image box leaves {result.unbounded_accuracy:.1%} accuracy '
@@ -468,13 +497,13 @@ def _with_autoattack_settings(spec: AttackSpec, adversary) -> AttackSpec:
 
 
 def _run_autoattack(model, adversary, images, labels, spec: AttackSpec, correct: Tensor, components: Dict[str, float],
-                    runner: _Runner, save) -> None:
+                    runner: _Runner, save, *, batch_size: int, on_warning: Callable[[str], None]) -> None:
     from tqdm.auto import tqdm
 
     n = images.shape[0]
     bar = None
-    for attack, idx, adv in iter_autoattack(adversary, images, labels, correct, batch_size=runner.batch_size,
-                                            skip=tuple(components)):
+    for attack, idx, adv in iter_autoattack(adversary, images, labels, correct, batch_size=batch_size,
+                                            skip=tuple(components), on_warning=on_warning):
         if bar is None:
             bar = tqdm(total=int(correct.sum()), desc=f'{spec.name} {attack}', unit='ex', disable=not runner.progress,
                        leave=False)

@@ -5,7 +5,7 @@ import html
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Union
 
-from .results import read_results
+from .results import full_test_set, read_results
 
 __all__ = ['leaderboard_rows', 'render_markdown', 'render_html']
 
@@ -16,7 +16,9 @@ NOTE = ("Accuracies in %. attacks: every attack run other than clean and standar
         "AutoAttack lists as aa:<attack>+..., aa-plus, aa-rand). worst case: per example, correct under every attack "
         "in the attacks and AutoAttack columns, so it can be below each of them. AutoAttack: the standard version "
         "(aa), the one RobustBench reports. RobustBench columns: RobustBench's numbers for the same model; "
-        "delta AA = ours - RobustBench, in points.")
+        "delta AA = ours - RobustBench, in points. (subset): on fewer or other images than the test set RobustBench "
+        "reports on (all 10,000 for CIFAR-10/100, its 5,000 validation images for ImageNet), so the numbers carry "
+        "sampling error and delta AA compares different images.")
 
 
 def _pct(x) -> str:
@@ -34,9 +36,10 @@ def leaderboard_rows(paths: Sequence[Union[str, Path]]) -> List[Dict[str, str]]:
     """One row per results file, sorted by dataset, norm, eps, then worst-case accuracy (best first).
 
     The model column names the checkpoint file, or says "random init", when the weights are not a
-    pretrained tag's. Every attack of a file is shown: the AutoAttack column holds standard
-    AutoAttack, and the attacks column every other attack (other AutoAttack versions and custom lists
-    included) as "name accuracy", so that the worst case is over the attacks the row shows.
+    pretrained tag's. Every attack of a file is shown: the AutoAttack column holds standard AutoAttack,
+    and the attacks column every other attack (other AutoAttack versions and custom lists included) as
+    "name accuracy", so that the worst case is over the attacks the row shows. A row evaluated on a
+    subset of the test set RobustBench reports on says "(subset)" in the n column and after its delta AA.
     """
     rows = []
     for path in paths:
@@ -50,18 +53,22 @@ def leaderboard_rows(paths: Sequence[Union[str, Path]]) -> List[Dict[str, str]]:
             reported = {}  # reported at another radius: not comparable
         rb_aa = float(reported['autoattack_acc']) if reported.get('autoattack_acc') else None
         aa_acc = data['attacks'][aa_name]['accuracy'] if aa_name else None
+        d = data['data']
+        full = full_test_set(dataset=d['dataset'], n_examples=d['n_examples'], split=d.get('split', 'test'),
+                             preprocessing=d.get('preprocessing'))
+        subset = ' (subset)' if full is False else ''
         rows.append({
             'model': data['model']['name'] + _weights_note(data),
             'dataset': data['data']['dataset'],
             'threat model': f"{data['threat_model']['norm']} {data['threat_model']['eps_text']}",
-            'n': str(data['data']['n_examples']),
+            'n': f"{d['n_examples']}{subset}",
             'clean': _pct(data['clean_accuracy']),
             'attacks': others or '-',
             'worst case': _pct(data['robust_accuracy']),
             'AutoAttack': _pct(aa_acc),
             'RobustBench clean': reported.get('clean_acc') or '-',
             'RobustBench AA': reported.get('autoattack_acc') or '-',
-            'delta AA': f'{100 * aa_acc - rb_aa:+.2f}' if aa_acc is not None and rb_aa is not None else '-',
+            'delta AA': f'{100 * aa_acc - rb_aa:+.2f}{subset}' if aa_acc is not None and rb_aa is not None else '-',
             '_sort': (data['data']['dataset'], data['threat_model']['norm'], data['threat_model']['eps'],
                       -(data['robust_accuracy'] or 0.0)),
         })

@@ -4,7 +4,10 @@ A results file holds the model, data and threat model, every attack with its set
 and time (for AutoAttack: its version, attacks in order, and per attack the iterations, restarts,
 target classes or queries its adversary was configured with), the per-example worst case, the run's environment, and under ``"robustbench"`` an entry in
 RobustBench's ``model_info`` format (its field names; accuracies as percent strings with two
-decimals, eps as RobustBench writes it, e.g. "8/255").
+decimals, eps as RobustBench writes it, e.g. "8/255"). RobustBench reports on the full test set
+(:data:`FULL_TEST_SET`), so that entry is written only for an evaluation of all of it; ``data.full_test_set``
+says whether it was (false for a subset such as ``--n-examples 1000``), and ``notes`` how the model was adapted
+(e.g. a stock timm model standardised in front).
 """
 from __future__ import annotations
 
@@ -15,13 +18,14 @@ from fractions import Fraction
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..files import write_text
 from .evaluate import EvaluationResult
 
 __all__ = [
-    'SCHEMA', 'MODEL_INFO_FIELDS', 'result_to_dict', 'robustbench_model_info', 'write_json', 'write_text', 'read_results',
+    'SCHEMA', 'MODEL_INFO_FIELDS', 'FULL_TEST_SET', 'full_test_set', 'result_to_dict', 'robustbench_model_info',
+    'write_json', 'write_text', 'read_results',
     'reported_entries', 'find_reported', 'format_eps', 'parse_eps',
 ]
 
@@ -32,6 +36,30 @@ MODEL_INFO_FIELDS = (
     'eps', 'clean_acc', 'reported', 'corruptions_acc', 'corruptions_acc_3d', 'corruptions_mce',
     'corruptions_mce_3d', 'autoattack_acc', 'footnote',
 )
+#: Test images behind RobustBench's numbers, per dataset (ImageNet: its 5,000-image validation subset).
+FULL_TEST_SET = {'cifar10': 10000, 'cifar100': 10000, 'imagenet': 5000}
+
+
+def full_test_set(*, dataset: str, n_examples: int, split: str = 'test',
+                  preprocessing: Optional[Dict[str, Any]] = None) -> Optional[bool]:
+    """Whether an evaluation covered the test set RobustBench reports on, so that it compares with RobustBench.
+
+    Args:
+        dataset: 'cifar10', 'cifar100', 'imagenet' or another name.
+        n_examples: Images evaluated (the first ones of the test set).
+        split: Data split.
+        preprocessing: ImageNet's settings; its ``subset`` must be 'robustbench' (RobustBench's 5,000 images).
+
+    Returns:
+        True for all of :data:`FULL_TEST_SET`'s images, False for a subset (or other images), None for a
+        dataset RobustBench does not list.
+    """
+    full = FULL_TEST_SET.get(dataset)
+    if full is None:
+        return None
+    if split != 'test' or (preprocessing or {}).get('subset', 'robustbench') != 'robustbench':
+        return False
+    return n_examples >= full
 
 
 def parse_eps(text: Union[str, float]) -> float:
@@ -102,7 +130,8 @@ def robustbench_model_info(result: EvaluationResult, *, dataset: str, architectu
     Paper fields (link, name, authors, venue, additional_data, reported) come from RobustBench's entry
     ``robustbench_id`` when it is given and reported on the same dataset and threat model (norm and
     eps); ``clean_acc`` and ``autoattack_acc`` are ours (``autoattack_acc`` only when AutoAttack
-    standard ran).
+    standard ran). RobustBench's numbers are on the full test set: :func:`result_to_dict` writes this
+    entry only for an evaluation of all of it (see :func:`full_test_set`).
     """
     known = find_reported(robustbench_id=robustbench_id, dataset=dataset, threat_model=result.norm,
                           eps=result.eps) if robustbench_id else None
@@ -135,12 +164,14 @@ def result_to_dict(result: EvaluationResult, *, model: str, dataset: str, archit
                    tag: Optional[str] = None, checkpoint: Optional[str] = None, random_init: bool = False,
                    split: str = 'test', data_source: Optional[str] = None,
                    preprocessing: Optional[Dict[str, Any]] = None, robustbench_id: Optional[str] = None,
-                   extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   notes: Sequence[str] = (), extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Our results JSON for an evaluation (see the module docstring).
 
     RobustBench's reported numbers are attached when RobustBench lists the model on the same dataset
     and threat model (norm and eps): the entry ``robustbench_id``, or else the entry for the pretrained
-    tag's weights (not for a checkpoint or a random initialisation).
+    tag's weights (not for a checkpoint or a random initialisation). Our own RobustBench entry
+    (``"robustbench"``) is written only when the whole test set was evaluated (``data.full_test_set``);
+    on a subset it is null, so that a subset's numbers do not pass for a RobustBench entry.
 
     Args:
         result: From :func:`robust_resnets.evaluation.evaluate`.
@@ -154,6 +185,8 @@ def result_to_dict(result: EvaluationResult, *, model: str, dataset: str, archit
         data_source: Where the data came from.
         preprocessing: Resize/crop settings, for ImageNet.
         robustbench_id: RobustBench's name for the model, for its reported numbers.
+        notes: How the model was adapted for the evaluation (from
+            :func:`~robust_resnets.evaluation.sources.model_notes`).
         extra: More top-level fields.
     """
     architecture = architecture or model.split('.')[0]
@@ -161,12 +194,13 @@ def result_to_dict(result: EvaluationResult, *, model: str, dataset: str, archit
     pretrained = tag is not None and checkpoint is None and not random_init
     known = find_reported(robustbench_id=robustbench_id, weights=f'{architecture}.{tag}' if pretrained else None,
                           dataset=dataset, threat_model=result.norm, eps=result.eps)
+    full = full_test_set(dataset=dataset, n_examples=result.n_examples, split=split, preprocessing=preprocessing)
     out: Dict[str, Any] = {
         'schema': SCHEMA,
         'model': {'name': model, 'architecture': architecture, 'tag': tag, 'checkpoint': checkpoint,
                   'robustbench_id': known['robustbench_id'] if known else robustbench_id},
-        'data': {'dataset': dataset, 'split': split, 'n_examples': result.n_examples, 'source': data_source,
-                 'preprocessing': preprocessing},
+        'data': {'dataset': dataset, 'split': split, 'n_examples': result.n_examples, 'full_test_set': full,
+                 'source': data_source, 'preprocessing': preprocessing},
         'threat_model': {'norm': result.norm, 'eps': result.eps, 'eps_text': format_eps(result.eps)},
         'clean_accuracy': result.clean_accuracy,
         'robust_accuracy': result.robust_accuracy,
@@ -181,8 +215,10 @@ def result_to_dict(result: EvaluationResult, *, model: str, dataset: str, archit
                 'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                 'versions': _versions()},
         'robustbench': robustbench_model_info(result, dataset=dataset, architecture=architecture,
-                                              robustbench_id=known['robustbench_id'] if known else robustbench_id),
+                                              robustbench_id=known['robustbench_id'] if known else robustbench_id)
+        if full else None,
         'robustbench_reported': known['model_info'] if known else None,
+        'notes': list(notes),
     }
     if random_init:
         out['random_init'] = True

@@ -28,7 +28,11 @@ _SHIM_FLAG = '__robust_resnets_shim__'
 
 
 class AutoAttack:
-    """The GitHub ``autoattack.AutoAttack`` interface, backed by ``pyautoattack.AutoAttack``."""
+    """The GitHub ``autoattack.AutoAttack`` interface, backed by ``pyautoattack.AutoAttack``.
+
+    As in GitHub's AutoAttack, ``attacks_to_run`` is for ``version='custom'`` only: with another version
+    it is refused (a ValueError) rather than silently replaced by the version's own attacks.
+    """
 
     def __init__(self, model: nn.Module, norm: str = 'Linf', eps: float = .3, seed: Optional[int] = None,
                  verbose: bool = True, attacks_to_run: Any = (), version: str = 'standard', is_tf_model: bool = False,
@@ -38,8 +42,11 @@ class AutoAttack:
         if is_tf_model:
             raise ValueError('TensorFlow models are not supported by this adapter; pass a PyTorch model.')
         attacks = list(attacks_to_run) if attacks_to_run else None
-        self._aa = _AutoAttack(model, attacks=attacks if version == 'custom' else None, device=device, eps=eps,
-                               norm=norm, seed=seed, version=version)
+        if attacks and version != 'custom':
+            raise ValueError(f"attacks_to_run={attacks} would be replaced by the attacks of version='{version}'; "
+                             f"pass version='custom' to run exactly these attacks, or leave attacks_to_run empty.")
+        self._aa = _AutoAttack(model, attacks=attacks, device=device, eps=eps, norm=norm, seed=seed,
+                               version=version)
         self._aa.verbose = verbose
         self.model, self.norm, self.epsilon, self.seed, self.version, self.device = model, norm, eps, seed, version, device
         if log_path is not None:
@@ -116,7 +123,13 @@ def install() -> bool:
 
 @contextlib.contextmanager
 def _local_cifar(eval_module: types.ModuleType) -> Iterator[None]:
-    """Routes RobustBench's CIFAR loading through load_cifar_tensors (local folders, archives, torchvision files)."""
+    """Routes RobustBench's CIFAR loading through load_cifar_tensors (local folders, archives, torchvision files).
+
+    That loader gives the images as they are, RobustBench's default CIFAR preprocessing (``ToTensor``); another
+    ``preprocessing`` is refused rather than ignored.
+    """
+    from robustbench.data import PREPROCESSINGS
+
     from robust_resnets.data import load_cifar_tensors
 
     original = eval_module.load_clean_dataset
@@ -125,6 +138,10 @@ def _local_cifar(eval_module: types.ModuleType) -> Iterator[None]:
         name = getattr(dataset, 'value', dataset)
         if name not in ('cifar10', 'cifar100'):
             return original(dataset, n_examples, data_dir, prepr)
+        if prepr is not PREPROCESSINGS[None]:
+            raise ValueError(f"robust-resnets' benchmark() reads {name} as it is (RobustBench's default ToTensor) and "
+                             f"cannot apply another preprocessing ({prepr!r}); drop preprocessing=, or call "
+                             f"robustbench.eval.benchmark itself (its loader downloads {name} with torchvision).")
         images, labels = load_cifar_tensors(root=data_dir, dataset=name, split='test')
         return images[:n_examples].float() / 255, labels[:n_examples]
 
@@ -143,10 +160,12 @@ def benchmark(model: nn.Module, *, n_examples: int = 10000, dataset: str = 'cifa
     """Runs ``robustbench.eval.benchmark`` and returns its (clean accuracy, AutoAttack accuracy).
 
     Arguments are RobustBench's (``eps`` defaults to 8/255 for Linf CIFAR, 4/255 for Linf ImageNet,
-    0.5 for L2). CIFAR comes from ``data_dir`` through :func:`robust_resnets.data.load_cifar_tensors`.
+    0.5 for L2). CIFAR comes from ``data_dir`` through :func:`robust_resnets.data.load_cifar_tensors`, with
+    RobustBench's default preprocessing only.
 
     Raises:
         ImportError: robustbench is not installed.
+        ValueError: A ``preprocessing`` other than the default for CIFAR.
     """
     if importlib.util.find_spec('robustbench') is None:
         raise ImportError('robustbench is not installed; pip install "robust-resnets[robustbench]" '

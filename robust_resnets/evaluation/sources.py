@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ['DATASETS', 'load_model', 'load_dataset', 'weights_entry', 'check_input_fits']
+__all__ = ['DATASETS', 'PixelInputModel', 'load_model', 'load_dataset', 'weights_entry', 'check_input_fits',
+           'model_notes']
 
 #: dataset -> number of classes
 DATASETS = {'cifar10': 10, 'cifar100': 100, 'imagenet': 1000}
@@ -23,10 +24,83 @@ def weights_entry(name: str):
     return get_manifest().get(name)
 
 
+class PixelInputModel(nn.Module):
+    """A timm model whose weights expect standardised inputs, made to take [0, 1] pixels like this package's models.
+
+    ``normalize`` (an :class:`~robust_resnets.models.layers.InputNormalize`) standardises the pixels with the
+    mean and std of the model's pretrained cfg, then ``model`` runs, so that attacks perturb pixels and eps is
+    in pixel units. ``pretrained_cfg`` is the model's with mean 0 and std 1, as this package's models have
+    them; any other attribute (``num_classes``, ``get_classifier``, ...) is the model's.
+    """
+
+    def __init__(self, model: nn.Module, *, mean: Sequence[float], std: Sequence[float]) -> None:
+        """
+        Args:
+            model: The timm model, taking standardised inputs.
+            mean: Per-channel mean its weights were trained with.
+            std: Per-channel standard deviation its weights were trained with.
+        """
+        from robust_resnets.models.layers import InputNormalize
+
+        super().__init__()
+        self.normalize = InputNormalize(tuple(mean), tuple(std))
+        self.model = model
+        cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+        self.pretrained_cfg = self.default_cfg = {**cfg, 'mean': (0.0,) * len(mean), 'std': (1.0,) * len(std)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(self.normalize(x))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__['_modules'].get('model')
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    def note(self, name: str) -> str:
+        """What the wrapping did, for a results file."""
+        mean = tuple(round(v, 4) for v in self.normalize.mean.flatten().tolist())
+        std = tuple(round(v, 4) for v in self.normalize.std.flatten().tolist())
+        return (f"{name} is a timm model whose weights expect inputs standardised with mean={mean}, std={std} "
+                f"(its pretrained cfg): it was evaluated with that standardisation in front (InputNormalize), so "
+                f"that it takes [0, 1] pixels and eps is in pixel units.")
+
+
+def _pixel_input(model: nn.Module) -> nn.Module:
+    """``model``, or a :class:`PixelInputModel` around it when it has no standardisation inside but its
+    pretrained cfg gives a mean and std other than 0 and 1 (a stock timm model)."""
+    from robust_resnets.models.layers import InputNormalize
+
+    if any(isinstance(m, InputNormalize) for m in model.modules()):
+        return model
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    mean, std = cfg.get('mean'), cfg.get('std')
+    if mean is None or std is None:
+        return model
+    mean, std = (tuple(v) if isinstance(v, (list, tuple)) else (v,) for v in (mean, std))
+    if all(m == 0 for m in mean) and all(s == 1 for s in std):
+        return model
+    return PixelInputModel(model, mean=mean, std=std)
+
+
+def model_notes(model: nn.Module, *, name: str) -> List[str]:
+    """Notes for a results file on how :func:`load_model` adapted ``model`` (empty when it did not)."""
+    return [model.note(name)] if isinstance(model, PixelInputModel) else []
+
+
 def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = None,
                checkpoint_key: Optional[str] = None, random_init: bool = False,
                device: Union[str, torch.device] = 'cpu') -> nn.Module:
-    """Builds a timm model in eval mode with its weights.
+    """Builds a timm model in eval mode with its weights, taking [0, 1] pixels.
+
+    This package's models standardise their input inside (their pretrained cfgs have mean 0 and std 1). A stock
+    timm model (e.g. ``resnet50.a1_in1k``) does not: with its published weights, or ``random_init``, it is
+    wrapped in a :class:`PixelInputModel` that standardises with its pretrained cfg's mean and std
+    (:func:`model_notes` says so for the results file). A ``checkpoint`` is fed [0, 1] pixels as it is, the
+    way this package's trainer trains any timm model.
 
     Args:
         name: timm model name, optionally with a pretrained tag (``robust_resnet_a1.cifar10_trades``).
@@ -72,6 +146,8 @@ def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = 
                                   **kwargs)
         if checkpoint is not None:
             _load_checkpoint(model, arch, Path(checkpoint), key=checkpoint_key)
+        else:
+            model = _pixel_input(model)
     else:
         try:
             cfg = timm.models.get_pretrained_cfg(name)
@@ -80,7 +156,7 @@ def load_model(name: str, *, dataset: str, checkpoint: Union[str, Path, None] = 
         if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
             raise ValueError(f"'{name}' has no pretrained weights to load. Name a published tag, pass "
                              f"--checkpoint FILE, or --random-init to test the pipeline.")
-        model = timm.create_model(name, pretrained=True, **kwargs)
+        model = _pixel_input(timm.create_model(name, pretrained=True, **kwargs))
     if model.num_classes != DATASETS[dataset]:
         raise ValueError(f'{name} has {model.num_classes} outputs but {dataset} has {DATASETS[dataset]} classes; '
                          f'check --dataset or the tag.')
@@ -93,11 +169,11 @@ def _unknown_tag_message(name: str) -> str:
     import timm
 
     arch, _, tag = name.partition('.')
-    tags = sorted(t.partition('.')[2] for t in timm.list_pretrained(f'{arch}.*'))
+    tags = sorted(t.partition('.')[2] for t in timm.list_models(f'{arch}.*', include_tags=True))
     close = difflib.get_close_matches(tag, tags, n=1)
     hint = f" Did you mean '{arch}.{close[0]}'?" if close else ''
     return (f"'{tag}' is not a pretrained tag of {arch}.{hint} Its tags: {', '.join(tags) or 'none'} "
-            f"(timm.list_pretrained('{arch}.*')).")
+            f"(timm.list_models('{arch}.*', include_tags=True)).")
 
 
 def _beside_model_args(checkpoint: Path, arch: str) -> Dict[str, Any]:

@@ -465,12 +465,9 @@ def filter_cell_network_checkpoint(state_dict: Dict[str, Any], model: nn.Module,
         to_ours = {orig: ours for ours, orig in original_keys(model).items()}
         state_dict = {to_ours.get(k, k): v for k, v in state_dict.items()
                       if not k.startswith(_TRAINING_ONLY_PREFIXES)}
-    model_sd = model.state_dict()
-    out = {k: v for k, v in state_dict.items() if k in model_sd or not k.endswith('num_batches_tracked')}
-    for k, v in model_sd.items():
-        if k.endswith('num_batches_tracked') and k not in out:
-            out[k] = torch.zeros_like(v)
-    return out
+    from .layers import fit_num_batches_tracked
+
+    return fit_num_batches_tracked(state_dict, model.state_dict())
 
 
 CHECKPOINT_LAYOUTS = ('darts', 'timm')

@@ -11,7 +11,7 @@ from timm.layers import LayerNorm2d, get_act_layer
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CIFAR100_MEAN', 'CIFAR100_STD',
     'InputNormalize', 'ClassifierHeadMixin', 'resolve_act_layer', 'resolve_norm_layer', 'LayerType',
-    'strip_checkpoint_wrappers', 'holds_tensors', 'fill_input_normalize',
+    'strip_checkpoint_wrappers', 'holds_tensors', 'fill_input_normalize', 'fit_num_batches_tracked',
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -173,6 +173,17 @@ def strip_checkpoint_wrappers(state_dict: Dict[str, Any]) -> Dict[str, torch.Ten
                 if k.startswith(prefix):
                     k, stripped = k[len(prefix):], True
         out[k] = v
+    return out
+
+
+def fit_num_batches_tracked(state_dict: Dict[str, torch.Tensor],
+                            model_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state_dict`` with the model's batch-norm ``num_batches_tracked`` counters: ones the model lacks dropped,
+    ones the checkpoint lacks (PyTorch < 0.4.1 saved none) filled with zeros."""
+    out = {k: v for k, v in state_dict.items() if k in model_state or not k.endswith('num_batches_tracked')}
+    for k, v in model_state.items():
+        if k.endswith('num_batches_tracked') and k not in out:
+            out[k] = torch.zeros_like(v)
     return out
 
 

@@ -468,9 +468,9 @@ def checkpoint_filter_fn(
     """Maps an original checkpoint (authors' layouts, RobustBench re-exports) to this model's keys.
 
     Handles ``state_dict``/``model_state_dict`` wrappers and ``module.``/``model.`` prefixes
-    (DDP, EMA wrappers), drops ``num_batches_tracked``-style extras the model lacks, and fills
-    the in-model normalisation buffers from the model when the checkpoint has none (RobustBench
-    keeps them out of its state dicts).
+    (DDP, EMA wrappers), drops ``num_batches_tracked`` counters the model lacks and fills those the
+    checkpoint lacks (PyTorch < 0.4.1), and fills the in-model normalisation buffers from the model
+    when the checkpoint has none (RobustBench keeps them out of its state dicts).
     """
     state_dict = strip_checkpoint_wrappers(state_dict)
     layout = layout or detect_layout(state_dict)
@@ -492,7 +492,9 @@ def checkpoint_filter_fn(
             alt = k.replace('.conv2.', '.conv2.0.')
             if alt in model_sd:
                 state_dict[alt] = state_dict.pop(k)
-    out = {k: v for k, v in state_dict.items() if k in model_sd or not k.endswith('num_batches_tracked')}
+    from .layers import fit_num_batches_tracked
+
+    out = fit_num_batches_tracked(state_dict, model_sd)
     fill_input_normalize(out, model_sd)
     for k in list(out):
         if k in model_sd and out[k].shape != model_sd[k].shape and out[k].numel() == model_sd[k].numel():

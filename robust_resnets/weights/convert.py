@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..files import give_umask_permissions
-from ..models.layers import holds_tensors
+from ..models.layers import holds_tensors, strip_checkpoint_wrappers
 from .hub import sha256_file
 from . import manifest as _manifest
 from .manifest import PretrainedWeights, get_weights
@@ -59,7 +59,8 @@ def load_original_checkpoint(path: os.PathLike, *, key: Optional[str] = None) ->
     Raises:
         FileNotFoundError: No such file.
         ValueError: The file is incomplete, corrupt or not a checkpoint, the pickle holds objects other than
-            tensors and plain containers, or it has no dict under ``key``.
+            tensors and plain containers, it has no dict under ``key``, or (``key`` None) its tensors sit under
+            entries other than the usual wrappers, so ``key`` has to name one.
     """
     path = Path(path)
     if not path.is_file():
@@ -90,10 +91,24 @@ def load_original_checkpoint(path: os.PathLike, *, key: Optional[str] = None) ->
             choices = sorted(k for k, v in obj.items() if isinstance(k, str) and isinstance(v, dict))
             raise ValueError(f'{path} has no state dict under {key!r}; its dict entries are {choices}.')
         obj = obj[key]
-    if not (holds_tensors(obj) or any(holds_tensors(v) for v in obj.values())):
+    nested = [str(k) for k, v in obj.items() if holds_tensors(v)]
+    if not (holds_tensors(obj) or nested):
         raise ValueError(f'{path} holds no tensors (its top-level keys: {_first_lines([str(k) for k in obj], 5)}), '
                          f'so it is not a model checkpoint. Check the file.')
+    if key is None and not holds_tensors(obj) and not _unwraps(obj):
+        raise ValueError(f'{path} holds no tensors at its top level, and its state dict is not under a usual '
+                         f"name (state_dict, model_state_dict, model, or an EMA's): the entries {nested} hold "
+                         f'tensors. Name the one to load with --key {nested[0]} (key= of load_original_checkpoint).')
     return obj
+
+
+def _unwraps(checkpoint: Dict[str, Any]) -> bool:
+    """Whether the families' checkpoint filters find tensors in ``checkpoint`` (one ambiguous between the
+    trained and the EMA weights counts: the filters name both)."""
+    try:
+        return bool(strip_checkpoint_wrappers(checkpoint))
+    except ValueError:
+        return True
 
 
 def _first_line(error: BaseException) -> str:
@@ -208,9 +223,12 @@ def model_card(weights: PretrainedWeights, *, sha256: str, source_sha256: str) -
     meta: Dict[str, Any] = {
         'tags': ['image-classification', 'timm', 'robust-resnets', 'adversarial-robustness'],
         'library_name': 'timm',
-        'license': weights.license if weights.license != 'unknown' else 'other',
-        'datasets': [hub_ds],
+        'license': weights.license if weights.license not in ('unknown', 'other') else 'other',
     }
+    if meta['license'] == 'other':  # the Hub's card spec: an 'other' licence names itself and links its terms
+        meta['license_name'] = weights.license
+        meta['license_link'] = _license_link(weights)
+    meta['datasets'] = [hub_ds]
     metrics = [{'type': 'accuracy', 'name': f'{_METRIC_NAMES[k]}' + (f' ({threat})' if k != 'clean' else ''),
                 'value': rep[k]} for k in _METRIC_NAMES if rep.get(k) is not None]
     if metrics:
@@ -279,6 +297,14 @@ Source: {rep.get('source') or numbers_source}. {numbers_note}
 - Licence: {weights.license}
 """
     return '---\n' + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + '---\n' + body
+
+
+def _license_link(weights: PretrainedWeights) -> str:
+    """Where the terms of an entry's weights are (or should be) stated: the authors' code, else the original
+    download, else the paper."""
+    urls = [weights.paper.get('code')] + list(weights.original['locations'])
+    return next((u for u in urls if isinstance(u, str) and u.startswith(('https://', 'http://'))),
+                f"https://arxiv.org/abs/{weights.paper['arxiv']}")
 
 
 def _config(weights: PretrainedWeights, model: torch.nn.Module) -> Dict[str, Any]:
@@ -372,6 +398,8 @@ def convert_checkpoint(
             path.unlink(missing_ok=True)
     entry = {k: v for k, v in weights.to_json().items() if k != 'paper'}
     entry.update(sha256=sha256, size=size)
+    if weights.hf_revision and sha256 != weights.sha256:  # a new file: its upload is pinned once published
+        entry['hf_hub'] = {k: v for k, v in weights.hf_hub.items() if k != 'revision'}
     packaged = _manifest.PACKAGED_WEIGHTS_DIR
     if packaged in out_dir.resolve().parents:  # shipped inside the package, not (yet) on the Hub
         entry['package_file'] = (out_dir.resolve() / 'model.safetensors').relative_to(packaged).as_posix()

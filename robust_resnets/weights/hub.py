@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Optional, Union
 
 from .manifest import PretrainedWeights
 
 __all__ = ['ChecksumError', 'sha256_file', 'verify_file', 'download_weights', 'packaged_weights_file',
-           'hub_offline']
+           'hub_offline', 'download_command']
 
 _TRUE = {'1', 'on', 'yes', 'true'}
 
@@ -25,6 +26,18 @@ class ChecksumError(RuntimeError):
 def hub_offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) asks for cache-only access."""
     return any(os.environ.get(k, '').strip().lower() in _TRUE for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'))
+
+
+def download_command(weights: PretrainedWeights) -> str:
+    """The shell command that puts an entry's file into the Hugging Face cache, for the installed
+    huggingface_hub: ``hf download`` (0.34 and newer) or ``huggingface-cli download`` (older)."""
+    import huggingface_hub
+
+    version = re.match(r'(\d+)\.(\d+)', huggingface_hub.__version__)
+    new_cli = version is None or (int(version.group(1)), int(version.group(2))) >= (0, 34)
+    revision = f' --revision {weights.hf_revision}' if weights.hf_revision else ''
+    return (f"{'hf' if new_cli else 'huggingface-cli'} download {weights.hf_hub_id} {weights.hf_filename}"
+            f'{revision}')
 
 
 def sha256_file(path: Union[str, os.PathLike], chunk_size: int = 1 << 20) -> str:
@@ -71,8 +84,9 @@ def _remove_incomplete(cache_dir: Optional[str], repo_id: str) -> None:
 def download_weights(weights: PretrainedWeights, *, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
     """Returns the local path of a published entry's file, downloaded into (or found in) the HF cache.
 
-    The file is checked against the manifest's sha256 and size; a mismatching file is deleted from
-    the cache and :class:`ChecksumError` raised. Offline (``HF_HUB_OFFLINE=1``) only the cache is used.
+    The file comes from the entry's pinned ``hf_hub.revision`` where it has one, else from the repo's main
+    branch. It is checked against the manifest's sha256 and size; a mismatching file is deleted from the
+    cache and :class:`ChecksumError` raised. Offline (``HF_HUB_OFFLINE=1``) only the cache is used.
 
     Raises:
         RuntimeError: The file is not published, not cached while offline, or the download failed.
@@ -85,8 +99,8 @@ def download_weights(weights: PretrainedWeights, *, cache_dir: Optional[Union[st
 
     cache_dir = str(cache_dir) if cache_dir is not None else os.environ.get('HF_HUB_CACHE') or None
     offline = hub_offline()
-    kwargs = dict(repo_id=weights.hf_hub_id, filename=weights.hf_filename, cache_dir=cache_dir,
-                  local_files_only=offline)
+    kwargs = dict(repo_id=weights.hf_hub_id, filename=weights.hf_filename, revision=weights.hf_revision,
+                  cache_dir=cache_dir, local_files_only=offline)
     if os.environ.get('HF_ENDPOINT'):
         kwargs['endpoint'] = os.environ['HF_ENDPOINT'].rstrip('/')
     try:
@@ -95,12 +109,13 @@ def download_weights(weights: PretrainedWeights, *, cache_dir: Optional[Union[st
         from huggingface_hub import constants
 
         where = f'the Hugging Face cache {cache_dir or constants.HF_HUB_CACHE}'
+        at = f' (revision {weights.hf_revision})' if weights.hf_revision else ''
         if offline:
             raise RuntimeError(
-                f'{weights.name}: HF_HUB_OFFLINE is set and {weights.hf_hub_id}/{weights.hf_filename} is not in '
-                f'{where}. Download it once online (unset HF_HUB_OFFLINE, or run `hf download '
-                f'{weights.hf_hub_id} {weights.hf_filename}`), or pass a local copy with '
-                f"pretrained_cfg_overlay=dict(file='/path/to/{weights.hf_filename}').") from e
+                f'{weights.name}: HF_HUB_OFFLINE is set and {weights.hf_hub_id}/{weights.hf_filename}{at} is not '
+                f'in {where}. Download it once online (unset HF_HUB_OFFLINE, or run `{download_command(weights)}`), '
+                f"or pass a local copy with pretrained_cfg_overlay=dict(file='/path/to/{weights.hf_filename}').") \
+                from e
         _remove_incomplete(cache_dir, weights.hf_hub_id)
         raise RuntimeError(f'{weights.name}: could not download {weights.hf_hub_id}/{weights.hf_filename} '
                            f'({e}). Check the network (HF_ENDPOINT={os.environ.get("HF_ENDPOINT", "default")}), '

@@ -10,9 +10,12 @@ The manifest lives in ``weights_manifest/*.json`` at the repository top level (s
     }
 
 An entry is ``defaults`` updated by its own fields (a shallow merge); :data:`ENTRY_FIELDS` lists
-the fields and :func:`validate_entry` the rules. Extra manifest folders (test fixtures, private
-checkpoints) come from :func:`add_manifest_dir` or the ``ROBUST_RESNETS_MANIFEST_DIR`` environment
-variable (``os.pathsep``-separated folders).
+the fields and :func:`validate_entry` the rules. A key may appear only once in each object (a pasted
+entry beside its stale copy is refused, not silently shadowed). A published entry's ``hf_hub`` may pin
+the ``revision`` (the commit ``robust-resnets publish`` made), so that a later upload to the same repo
+does not change, or break the checksum of, what older installations download. Extra manifest folders
+(test fixtures, private checkpoints) come from :func:`add_manifest_dir` or the
+``ROBUST_RESNETS_MANIFEST_DIR`` environment variable (``os.pathsep``-separated folders).
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ _NAME_RE = re.compile(r'^[a-z0-9_]+\.[a-z0-9_]+$')
 _SHA256_RE = re.compile(r'^[0-9a-f]{64}$')
 _EPS_RE = re.compile(r'^\d+(\.\d+)?(/\d+)?$')
 _REPO_ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$')
+_COMMIT_RE = re.compile(r'^[0-9a-f]{40}$')
 
 DATASET_CLASSES = {'cifar10': 10, 'cifar100': 100, 'svhn': 10, 'imagenet': 1000}
 THREAT_MODELS = ('Linf', 'L2', 'L1')
@@ -70,7 +74,9 @@ ENTRY_FIELDS: Dict[str, Tuple[bool, str]] = {
     'paper': (True, '{"title", "arxiv", "authors", "venue"?, "code"?}'),
     'reported': (True, '{"clean", "pgd20", "cw40", "autoattack": percent or null, "params_m"?, "source"?}'),
     'original': (True, '{"locations": [...], "layout": str, "file": str, "notes"?}'),
-    'hf_hub': (True, '{"repo_id": "org/name", "filename": "*.safetensors"}'),
+    'hf_hub': (True, '{"repo_id": "org/name", "filename": "*.safetensors", "revision"?: commit id}: where the '
+                     'file is published; "revision" (40 hex digits, printed by robust-resnets publish) pins the '
+                     'commit it is downloaded from (default: the repo\'s main branch)'),
     'sha256': (True, 'hex sha256 of the published file, null until published'),
     'size': (True, 'bytes of the published file, null until published'),
     'license': (True, "licence of the weights (SPDX-style id, or 'unknown')"),
@@ -132,6 +138,11 @@ class PretrainedWeights:
     @property
     def hf_filename(self) -> str:
         return self.hf_hub['filename']
+
+    @property
+    def hf_revision(self) -> Optional[str]:
+        """The Hub commit the file is downloaded from (None: the repo's main branch)."""
+        return self.hf_hub.get('revision')
 
     @property
     def packaged_path(self) -> Optional[Path]:
@@ -270,13 +281,17 @@ def validate_entry(name: str, entry: Mapping[str, Any]) -> List[str]:
         errors.append(f"original has unknown keys {sorted(set(orig) - {'locations', 'layout', 'file', 'notes'})}")
 
     hub = entry['hf_hub']
-    if not isinstance(hub, Mapping) or set(hub) != {'repo_id', 'filename'}:
-        errors.append('hf_hub must be {"repo_id": "org/name", "filename": "model.safetensors"}')
+    if not isinstance(hub, Mapping) or not {'repo_id', 'filename'} <= set(hub) <= {'repo_id', 'filename', 'revision'}:
+        errors.append('hf_hub must be {"repo_id": "org/name", "filename": "model.safetensors"} with an optional '
+                      '"revision"')
     else:
         if not isinstance(hub['repo_id'], str) or not _REPO_ID_RE.match(hub['repo_id']):
             errors.append(f"hf_hub.repo_id must look like 'org/name', got {hub['repo_id']!r}")
         if not isinstance(hub['filename'], str) or not hub['filename'].endswith('.safetensors'):
             errors.append(f"hf_hub.filename must be a .safetensors file, got {hub['filename']!r}")
+        if 'revision' in hub and not (isinstance(hub['revision'], str) and _COMMIT_RE.match(hub['revision'])):
+            errors.append(f"hf_hub.revision must be the 40-hex-digit commit id the upload made (robust-resnets "
+                          f"publish prints it), got {hub['revision']!r}; a branch or tag name can move")
 
     sha, nbytes, published = entry['sha256'], entry['size'], entry['published']
     if not isinstance(published, bool):
@@ -314,8 +329,17 @@ def _entry_from_json(name: str, raw: Mapping[str, Any], source_file: str) -> Pre
 
 
 def _read_file(path: Path) -> Dict[str, PretrainedWeights]:
+    def unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise ManifestError(f'{path}: key {k!r} appears twice in one object, and JSON would keep only the '
+                                    f'last; delete the stale copy (e.g. an entry pasted beside the old one).')
+            out[k] = v
+        return out
+
     try:
-        doc = json.loads(path.read_text(encoding='utf-8'))
+        doc = json.loads(path.read_text(encoding='utf-8'), object_pairs_hook=unique_keys)
     except json.JSONDecodeError as e:
         raise ManifestError(f'{path}: not valid JSON ({e}); fix the file.') from e
     if not isinstance(doc, dict) or not isinstance(doc.get('entries'), dict):
@@ -412,7 +436,7 @@ def get_weights(name: str) -> PretrainedWeights:
     arch = name.split('.', 1)[0]
     same_arch = sorted(n for n in manifest if n.split('.', 1)[0] == arch)
     hint = f' Tags of {arch}: {same_arch}.' if same_arch else \
-        " See what exists with timm.list_pretrained('<arch>*') after `import robust_resnets`."
+        " See what exists with sorted(robust_resnets.weights.get_manifest())."
     raise KeyError(f'{name!r} is not in the weights manifest.{hint}')
 
 

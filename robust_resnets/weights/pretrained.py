@@ -5,19 +5,24 @@ merges the checkpoint's ``model_args`` into the build kwargs, finds the weights 
 the package when the entry has a ``package_file``, else ``model.safetensors`` through the Hugging
 Face cache), checks its sha256 against the manifest and hands the local file to timm with
 ``pretrained_cfg_overlay=dict(file=...)``; timm then loads it with the family's checkpoint
-filter. timm itself never reaches the Hub, so this works with every timm >= 1.0.9. A local file
-given as ``pretrained_cfg_overlay=dict(file=...)`` is used as is (it must be a ``.safetensors``).
+filter. timm itself never reaches the Hub, so this works with every timm >= 1.0.9.
+
+An overlay that names its own weights (``pretrained_cfg_overlay=dict(file=...)``, ``url=``, ``hf_hub_id=`` or
+``state_dict=``) is loaded by timm instead, and the manifest's file is not fetched; the tag still gives the
+architecture's arguments. A local ``file`` must be a ``.safetensors`` made for the tag (its metadata is checked).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
-
-from timm.models import is_model_pretrained
 
 from .manifest import PretrainedWeights, entries_for_architecture, get_manifest
 
 __all__ = ['resolve_pretrained_kwargs', 'check_weights_file']
+
+#: Overlay keys that name a weight source of the caller's own, in the order timm prefers them.
+_OWN_SOURCES = ('state_dict', 'file', 'hf_hub_id', 'url')
 
 
 def _tag_of(pretrained_cfg: Any) -> Optional[str]:
@@ -25,6 +30,14 @@ def _tag_of(pretrained_cfg: Any) -> Optional[str]:
         return pretrained_cfg or None
     tag = pretrained_cfg.get('tag') if isinstance(pretrained_cfg, Mapping) else getattr(pretrained_cfg, 'tag', None)
     return tag or None
+
+
+def _own_source(overlay: Mapping[str, Any]) -> Optional[str]:
+    """The overlay key that names the caller's own weights ('state_dict', 'file', 'hf_hub_id', 'url'), if any."""
+    for k in _OWN_SOURCES:
+        if (overlay.get(k) is not None) if k == 'state_dict' else overlay.get(k):
+            return k
+    return None
 
 
 def _not_published_message(weights: PretrainedWeights) -> str:
@@ -44,11 +57,13 @@ def _not_published_message(weights: PretrainedWeights) -> str:
 
 
 def check_weights_file(path: Path, weights: PretrainedWeights) -> None:
-    """Checks that a weights file is a safetensors file made for this entry (architecture, class count).
+    """Checks that a weights file is a safetensors file made for this entry (architecture, tag, model_args,
+    class count), as far as its metadata says (``robust-resnets convert`` writes all of them).
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: It is not a safetensors file, or its metadata names another architecture or class count.
+        ValueError: It is not a safetensors file, or its metadata names another architecture, tag, model_args
+            or class count.
     """
     if not path.is_file():
         raise FileNotFoundError(f'Pretrained file {path} does not exist; check the path given in '
@@ -67,6 +82,23 @@ def check_weights_file(path: Path, weights: PretrainedWeights) -> None:
     if arch and arch != weights.architecture:
         raise ValueError(f"{path} holds weights for '{arch}' (tag {meta.get('tag')!r}), not '{weights.architecture}'; "
                          f"create '{arch}.{meta.get('tag')}' instead, or pick the file made for {weights.name}.")
+    file_args = meta.get('model_args')
+    if file_args is not None:
+        try:
+            file_args = json.loads(file_args)
+        except ValueError:
+            raise ValueError(f"{path}: its metadata's model_args is not JSON ({file_args!r}); re-convert it with: "
+                             f"{weights.convert_command()}") from None
+    args_differ = file_args is not None and file_args != json.loads(json.dumps(dict(weights.model_args)))
+    tag = meta.get('tag')
+    if tag and tag != weights.tag:
+        differ = f' (its model_args {file_args} differ from {dict(weights.model_args)})' if args_differ else ''
+        raise ValueError(f"{path} was converted for {weights.architecture}.{tag}, not {weights.name}{differ}; "
+                         f"create '{weights.architecture}.{tag}' instead, or pick the file made for {weights.name}.")
+    if args_differ:
+        raise ValueError(f'{path} was converted for {weights.name} with model_args {file_args}, but its manifest '
+                         f'entry now builds it with {dict(weights.model_args)}; re-convert the original with: '
+                         f'{weights.convert_command()}')
     classes = meta.get('num_classes')
     if classes and int(classes) != weights.num_classes:
         raise ValueError(f'{path} has a {classes}-class head but {weights.name} has {weights.num_classes} classes '
@@ -109,8 +141,7 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
     if tag is None:
         if not pretrained:
             return kwargs
-        overlay = kwargs.get('pretrained_cfg_overlay') or {}
-        if overlay.get('file') or overlay.get('state_dict') is not None:
+        if _own_source(kwargs.get('pretrained_cfg_overlay') or {}):
             return kwargs  # the caller's own weights (a training run's export, a fine-tune): no manifest entry
         weights = _default_entry(variant)
         if weights is None:
@@ -121,9 +152,9 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
         weights = get_manifest().get(f'{variant}.{tag}')
         if weights is None:
             return kwargs  # a tag from the family's own default_cfgs
-        if not is_model_pretrained(weights.name):  # from a folder named in the environment after the import
-            from .registry import register_manifest
+        from .registry import is_registered, register_manifest
 
+        if not is_registered(weights.name):  # from a folder named in the environment after the import
             register_manifest()
 
     # the checkpoint's arguments override the entry point's defaults (which arrive here merged with the
@@ -139,11 +170,14 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
         return kwargs
 
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-    if overlay.get('state_dict') is not None:
-        return kwargs
-    if overlay.get('file'):
+    source = _own_source(overlay)
+    if source == 'file':
         check_weights_file(Path(overlay['file']), weights)
-        return kwargs
+    if source == 'url' and 'hf_hub_id' not in overlay:
+        overlay['hf_hub_id'] = None  # timm prefers the tag's Hub id to a url
+        kwargs['pretrained_cfg_overlay'] = overlay
+    if source is not None:
+        return kwargs  # the caller's own weights: timm loads them, the manifest's file is not fetched
     from .hub import download_weights, packaged_weights_file
 
     if weights.package_file is not None:

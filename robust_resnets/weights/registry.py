@@ -1,4 +1,10 @@
-"""Puts every manifest entry into timm's pretrained cfg registry, so ``timm.list_pretrained`` shows it."""
+"""Puts every manifest entry into timm's pretrained cfg registry.
+
+Every tag gets its pretrained cfg (``timm.create_model('arch.tag')`` builds it, and ``pretrained=True`` on a tag
+whose weights are not published says where the original lives); ``timm.list_pretrained`` lists only the tags
+whose weights can load (published on the Hub, or shipped inside the package). All tags:
+``timm.list_models('arch*', include_tags=True)`` or ``robust_resnets.weights.get_manifest()``.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +16,17 @@ from timm.models._pretrained import DefaultCfg, PretrainedCfg
 
 from .manifest import PretrainedWeights, get_manifest
 
-__all__ = ['pretrained_cfg_for', 'register_manifest']
+__all__ = ['pretrained_cfg_for', 'register_manifest', 'is_registered', 'has_weights']
+
+
+def has_weights(weights: PretrainedWeights) -> bool:
+    """Whether the entry's weights can load: published on the Hub, or shipped inside the package."""
+    return weights.published or weights.package_file is not None
+
+
+def is_registered(name: str) -> bool:
+    """Whether timm knows the pretrained cfg of ``arch.tag``."""
+    return name in timm_registry._model_pretrained_cfgs
 
 
 def pretrained_cfg_for(weights: PretrainedWeights, base: Optional[PretrainedCfg] = None) -> PretrainedCfg:
@@ -46,8 +62,10 @@ def pretrained_cfg_for(weights: PretrainedWeights, base: Optional[PretrainedCfg]
 def register_manifest(manifest: Optional[Mapping[str, PretrainedWeights]] = None) -> List[str]:
     """Registers the manifest's tags with timm and returns the names registered.
 
-    Entries whose architecture is not registered with timm yet are skipped (call again once its
-    family is imported). Calling twice updates the cfgs in place.
+    Every tag gets its pretrained cfg; only those whose weights can load (:func:`has_weights`) are marked
+    pretrained, so ``timm.list_pretrained`` lists them alone. Entries whose architecture is not registered
+    with timm yet are skipped (call again once its family is imported). Calling twice updates the cfgs in
+    place.
     """
     manifest = get_manifest() if manifest is None else manifest
     done: List[str] = []
@@ -61,7 +79,10 @@ def register_manifest(manifest: Optional[Mapping[str, PretrainedWeights]] = None
             default_cfg.tags.append(tag)
         default_cfg.cfgs[tag] = cfg
         timm_registry._model_pretrained_cfgs[name] = cfg
-        timm_registry._model_has_pretrained.add(name)
+        if has_weights(weights):
+            timm_registry._model_has_pretrained.add(name)
+        else:  # also when a re-read manifest no longer publishes it
+            timm_registry._model_has_pretrained.discard(name)
         with_tags = timm_registry._model_with_tags[arch]
         if name not in with_tags:
             with_tags.append(name)
