@@ -154,6 +154,32 @@ def test_model_features_only(name):
 
 
 @pytest.mark.parametrize('name', MODELS)
+def test_model_forward_intermediates(name):
+    """timm's forward_intermediates: the final features of forward_features, the taps of features_only, and
+    stop_early and prune_intermediate_layers giving the same first tap."""
+    model = create_reduced(name).eval()
+    feat_model = create_reduced(name, features_only=True).eval()
+    x = torch.rand(2, *input_size(model))
+    with torch.no_grad():
+        final, taps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        feats = feat_model(x)
+        last = model.forward_intermediates(x, indices=len(feats), intermediates_only=True)
+        assert len(last) == len(feats)
+        for a, b in zip(last, feats):
+            torch.testing.assert_close(a, b)
+        first = model.forward_intermediates(x, indices=[0], intermediates_only=True)[0]
+        torch.testing.assert_close(model.forward_intermediates(x, indices=[0], stop_early=True)[1][0], first)
+        if not type(model).prune_intermediate_layers.__module__.startswith('robust_resnets'):
+            return  # timm's own (ConvStem ViT/ConvNeXt inherit it; timm 1.0.9's ConvNeXt keeps a stale head norm)
+        assert model.prune_intermediate_layers([0]) == [0]
+        torch.testing.assert_close(model.forward_intermediates(x, indices=[0], intermediates_only=True)[0], first)
+        assert model(x).shape[:2] == (2, model.num_features)  # headless, the features of the first tap
+    with pytest.raises(ValueError, match='out of range'):
+        model.forward_intermediates(x, indices=[99])
+
+
+@pytest.mark.parametrize('name', MODELS)
 def test_model_grad_checkpointing(name):
     model = create_reduced(name).eval()
     x = torch.rand(2, *input_size(model), requires_grad=True)

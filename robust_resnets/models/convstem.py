@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,9 +40,12 @@ from timm.layers import LayerNorm2d, NormMlpClassifierHead, PatchEmbed, trunc_no
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.vision_transformer import VisionTransformer
+from torch.utils.checkpoint import checkpoint
 
 from ..weights import resolve_pretrained_kwargs
-from .layers import ClassifierHeadMixin, InputNormalize, fill_input_normalize, strip_checkpoint_wrappers
+from .layers import (
+    ClassifierHeadMixin, InputNormalize, fill_input_normalize, intermediate_indices, strip_checkpoint_wrappers,
+)
 
 __all__ = [
     'StemLayerNorm2d', 'ConvStem', 'ConvStemPatchEmbed', 'ConvStemVisionTransformer', 'ConvStemConvNeXt', 'ConvNeXtIsotropic',
@@ -282,6 +285,50 @@ class ConvNeXtIsotropic(ClassifierHeadMixin, nn.Module):
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
+
+    @torch.jit.ignore
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The block outputs (the taps of ``features_only``) and the final features, as timm's models give them.
+
+        Args:
+            x: Input images in [0, 1].
+            indices: The last n blocks for an int, these blocks for a list, all for None.
+            norm: Unused (the final norm follows the pooling, in the head); timm's signature.
+            stop_early: Stop after the last block asked for.
+            output_fmt: 'NCHW', the only format.
+            intermediates_only: Return the block outputs alone.
+
+        Returns:
+            The block outputs, or ``(forward_features(x), block outputs)``.
+        """
+        take, max_index = intermediate_indices(len(self.blocks), indices, output_fmt)
+        intermediates = []
+        x = self.stem(self.normalize(x))
+        for i, block in enumerate(self.blocks[:max_index + 1] if stop_early else self.blocks):
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing else block(x)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drops the blocks after the last tap in ``indices`` (and the head, or its norm), as timm's models do;
+        returns the taps kept."""
+        take, max_index = intermediate_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.head.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)

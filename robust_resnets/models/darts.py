@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch.utils.checkpoint import checkpoint
 
 from ..weights import resolve_pretrained_kwargs
-from .layers import ClassifierHeadMixin, strip_checkpoint_wrappers
+from .layers import ClassifierHeadMixin, intermediate_indices, strip_checkpoint_wrappers
 
 __all__ = [
     'Genotype', 'GENOTYPES', 'DARTS_CONFIGS', 'OPS', 'ReLUConvBN', 'SepConv', 'DilConv', 'Conv7x1x7', 'Zero',
@@ -383,6 +383,73 @@ class CellNetwork(ClassifierHeadMixin, nn.Module):
             else:
                 s0, s1 = s1, cell(s0, s1)
         return s1
+
+    @torch.jit.ignore
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The outputs at the ``feature_info`` taps (those of ``features_only``: the stem or the cell before
+        each reduction, and the last cell) and the final features, as timm's models give them.
+
+        Args:
+            x: Input images.
+            indices: The last n taps for an int, these taps for a list, all for None.
+            norm: Unused (the network has no final norm); timm's signature.
+            stop_early: Stop at the last tap asked for.
+            output_fmt: 'NCHW', the only format.
+            intermediates_only: Return the tap outputs alone.
+
+        Returns:
+            The tap outputs, or ``(forward_features(x), tap outputs)``.
+        """
+        take, max_index = intermediate_indices(len(self.feature_info), indices, output_fmt)
+        wanted = {self.feature_info[i]['module'] for i in take}
+        stop_at = self.feature_info[max_index]['module'] if stop_early else None
+        intermediates: List[torch.Tensor] = []
+
+        def tap(name: str, t: torch.Tensor) -> bool:
+            if name in wanted:
+                intermediates.append(t)
+            return name == stop_at
+
+        s0 = self.stem(x)
+        done = tap('stem', s0)
+        s1 = s0
+        if self.stem_reduce is not None and not done:
+            s1 = self.stem_reduce(s0)
+            done = tap('stem_reduce', s1)
+        for i, cell in enumerate(self.cells):
+            if done:
+                break
+            if self.grad_checkpointing:
+                s0, s1 = s1, checkpoint(cell, s0, s1, use_reentrant=False)
+            else:
+                s0, s1 = s1, cell(s0, s1)
+            done = tap(f'cells.{i}', s1)
+        return intermediates if intermediates_only else (s1, intermediates)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drops the cells after the last tap in ``indices`` (and the head), as timm's models do; returns the
+        taps kept."""
+        take, max_index = intermediate_indices(len(self.feature_info), indices)
+        module = self.feature_info[max_index]['module']
+        keep = int(module.split('.')[1]) + 1 if module.startswith('cells.') else 0
+        truncated = keep < len(self.cells)
+        self.cells = self.cells[:keep]
+        if module == 'stem' and self.stem_reduce is not None:
+            self.stem_reduce = None
+        if truncated:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or truncated:
+            self.reset_classifier(0, '')
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits) if pre_logits else self.head(x)

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, get_act_layer
+from timm.models._features import feature_take_indices
 
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CIFAR100_MEAN', 'CIFAR100_STD',
     'InputNormalize', 'ClassifierHeadMixin', 'resolve_act_layer', 'resolve_norm_layer', 'LayerType',
     'strip_checkpoint_wrappers', 'holds_tensors', 'fill_input_normalize', 'fit_num_batches_tracked',
+    'intermediate_indices',
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -33,6 +35,23 @@ class ClassifierHeadMixin:
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
+
+
+def intermediate_indices(num_taps: int, indices: Optional[Union[int, List[int]]],
+                         output_fmt: str = 'NCHW') -> Tuple[List[int], int]:
+    """The taps ``forward_intermediates`` returns (timm's convention: the last n for an int, all for None) and the
+    highest of them.
+
+    Raises:
+        ValueError: ``output_fmt`` is not 'NCHW', or an index is out of range.
+    """
+    if output_fmt != 'NCHW':
+        raise ValueError(f"output_fmt must be 'NCHW' for this model, got {output_fmt!r}.")
+    try:
+        return feature_take_indices(num_taps, indices)
+    except AssertionError:
+        raise ValueError(f'indices={indices!r} is out of range for this model\'s {num_taps} feature taps '
+                         f'(0..{num_taps - 1}, or a count up to {num_taps}).') from None
 
 
 class InputNormalize(nn.Module):

@@ -29,7 +29,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from ..weights import resolve_pretrained_kwargs
 from .layers import (
     CIFAR10_MEAN, CIFAR10_STD, ClassifierHeadMixin, InputNormalize, LayerType, resolve_act_layer, resolve_norm_layer,
-    fill_input_normalize, strip_checkpoint_wrappers,
+    fill_input_normalize, intermediate_indices, strip_checkpoint_wrappers,
 )
 
 __all__ = ['PreActBasicBlock', 'RobustResBlock', 'PreActStage', 'PreActResNet', 'checkpoint_filter_fn']
@@ -399,6 +399,58 @@ class PreActResNet(ClassifierHeadMixin, nn.Module):
         x = self.stem(x)
         x = self.stages(x)
         return self.act(self.norm(x))
+
+    @torch.jit.ignore
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The stage outputs (the taps of ``features_only``) and the final features, as timm's models give them.
+
+        Args:
+            x: Input images in [0, 1].
+            indices: The last n stages for an int, these stages for a list, all for None.
+            norm: Give the last stage's output after the final norm and activation.
+            stop_early: Stop after the last stage asked for.
+            output_fmt: 'NCHW', the only format.
+            intermediates_only: Return the stage outputs alone.
+
+        Returns:
+            The stage outputs, or ``(forward_features(x), stage outputs)``.
+        """
+        take, max_index = intermediate_indices(len(self.stages), indices, output_fmt)
+        last = len(self.stages) - 1
+        intermediates = []
+        x = self.stem(self.normalize(x))
+        for i, stage in enumerate(self.stages[:max_index + 1] if stop_early else self.stages):
+            x = stage(x)
+            if i in take:
+                intermediates.append(self.act(self.norm(x)) if norm and i == last else x)
+        if intermediates_only:
+            return intermediates
+        if not stop_early or max_index == last:
+            x = self.act(self.norm(x))
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drops the stages after the last tap in ``indices`` (and the head, and the final norm when asked or
+        when stages went), as timm's models do; returns the taps kept."""
+        take, max_index = intermediate_indices(len(self.stages), indices)
+        truncated = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if truncated:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_norm or truncated:  # the final norm is sized for the last stage
+            self.norm, self.act = nn.Identity(), nn.Identity()
+        if prune_head or truncated:
+            self.reset_classifier(0, '')
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits) if pre_logits else self.head(x)
