@@ -177,6 +177,16 @@ def test_checkpoint_without_num_batches_tracked_converts(manifest, tmp_path):
         assert (model(x) - ref(x)).abs().max().item() <= 1e-5
 
 
+def test_robustwrn_layout_refuses_a_strided_block_of_constant_width():
+    # RobustWRN's shortcut reads such a block's raw input, ours the pre-activated one: its weights would not fit
+    from robust_resnets.models.preact_resnet import checkpoint_filter_fn
+
+    model = timm.create_model('preact_resnet', depths=(1, 1, 1), channels=(16, 16, 32))
+    with pytest.raises(ValueError, match=r'stages\.1\.blocks\.0 is strided with 16 channels in and out'):
+        checkpoint_filter_fn({}, model, layout='robustwrn')
+    assert checkpoint_filter_fn(model.state_dict(), model, layout='huang2022')  # Huang et al.'s reads it as ours
+
+
 def test_reconverted_entry_drops_a_stale_revision(tmp_path, monkeypatch):
     """A pinned entry keeps its revision for the same file; a different file is a new upload, pinned anew."""
     name = 'preact_resnet.fx_huang_rrb_s1'

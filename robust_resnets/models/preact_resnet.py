@@ -512,6 +512,19 @@ def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:
                      f"force it: `robust-resnets convert --layout NAME`, or layout= of checkpoint_filter_fn.")
 
 
+def _check_robustwrn_shortcuts(model: nn.Module) -> None:
+    """Refuses a model whose strided blocks keep their width: HanxunH/RobustWRN's 1x1 shortcut reads such a
+    block's raw input where ours (and Huang et al.'s) reads it pre-activated, so its weights would compute
+    something else here."""
+    for name, m in model.named_modules():
+        if isinstance(m, PreActBasicBlock) and m.shortcut is not None and m.shortcut.in_channels == m.out_channels:
+            raise ValueError(
+                f"Block {name} is strided with {m.out_channels} channels in and out: RobustWRN's shortcut reads "
+                f"such a block's input before its norm and activation, ours after them, so a RobustWRN checkpoint "
+                f"would not compute the same here. Widen the stage (channels) so that its width changes, as in "
+                f"every RobustWRN configuration (WRN-34-R: 16, 320, 640, 512).")
+
+
 def checkpoint_filter_fn(
         state_dict: Dict[str, Any],
         model: PreActResNet,
@@ -529,6 +542,8 @@ def checkpoint_filter_fn(
     if layout != 'timm':
         if layout not in CHECKPOINT_LAYOUTS:
             raise ValueError(f"Unknown layout '{layout}'; use one of {sorted(CHECKPOINT_LAYOUTS)} or 'timm'.")
+        if layout == 'robustwrn':
+            _check_robustwrn_shortcuts(model)
         rules = CHECKPOINT_LAYOUTS[layout]
         mapped = {}
         for k, v in state_dict.items():
