@@ -92,12 +92,14 @@ def _check_aa_attack(name: Any, table: Mapping[str, Any], where: str) -> List[st
     if 'aa' not in (table.get('columns') or []):
         return [f"{where}: evaluation.aa_attack names the attack of the 'aa' column, which the table does not print"]
     try:
-        kind = parse_attack(name, eps=0.0).kind if isinstance(name, str) else None
+        spec = parse_attack(name, eps=0.0) if isinstance(name, str) else None
     except ValueError:
-        kind = None
-    if kind != 'autoattack':
+        spec = None
+    if spec is None or spec.kind != 'autoattack':
         return [f"{where}: evaluation.aa_attack must name an AutoAttack as `robust-resnets eval --attacks` does "
                 f"('aa', 'aa:apgd-ce+apgd-t', ...), got {name!r}"]
+    if spec.name != name:  # results are keyed by the normalised name
+        return [f"{where}: write evaluation.aa_attack as {spec.name!r}, the name its results carry, not {name!r}"]
     return []
 
 

@@ -560,20 +560,30 @@ def test_autoattack_warnings_survive_a_resume(tmp_path):
     assert resumed.warnings == first.warnings and len(first.warnings) == 1
 
 
-def test_autoattack_batch_size_is_part_of_the_resume_fingerprint(tmp_path):
-    """AutoAttack's random draws follow its batches: a state of another batch size is not resumed."""
+def test_autoattack_keeps_its_batch_size_on_resume(tmp_path):
+    """AutoAttack's random draws follow its batches: a resumed run keeps the batch size it started with, whatever
+    the new one (an automatic size can differ from start to start), and the state is not refused for it."""
     model, x, y = _linear_setup()
     kw = dict(eps=8 / 255, progress=False, check_masking=False)
     state = tmp_path / 'aa.json'
-    evaluate(model, x, y, attacks='clean,aa:apgd-ce', batch_size=4, state_path=state, **kw)
-    assert json.loads(state.read_text())['attacks']['aa:apgd-ce']['batch_size'] == 4
-    with pytest.raises(ValueError, match='different evaluation .*autoattack_batch_size'):
-        evaluate(model, x, y, attacks='clean,aa:apgd-ce', batch_size=8, state_path=state, **kw)
-    evaluate(model, x, y, attacks='clean,aa:apgd-ce', batch_size=4, state_path=state, **kw)  # the same: resumes
-    # without AutoAttack the numbers do not depend on the batch size, and neither does the state
-    evaluate(model, x, y, attacks='clean,pgd2', batch_size=4, state_path=tmp_path / 'pgd.json', **kw)
-    evaluate(model, x, y, attacks='clean,pgd2', batch_size=8, state_path=tmp_path / 'pgd.json', **kw)
-    old = dict(json.loads(state.read_text()), version=3)  # written before the batch size was fingerprinted
+    first = evaluate(model, x, y, attacks='clean,aa:apgd-ce', batch_size=4, state_path=state, **kw)
+    data = json.loads(state.read_text())
+    assert data['attacks']['aa:apgd-ce']['batch_size'] == 4
+    data['attacks']['aa:apgd-ce'] = {'batch_size': 4}  # interrupted before its first batch ended
+    state.write_text(json.dumps(data))
+    sizes = []
+    evaluate_mod = importlib.import_module('robust_resnets.evaluation.evaluate')  # the package's evaluate is the function
+    real = evaluate_mod.iter_autoattack
+
+    def spy(*args, batch_size, **kwargs):
+        sizes.append(batch_size)
+        return real(*args, batch_size=batch_size, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate_mod, 'iter_autoattack', spy)
+        resumed = evaluate(model, x, y, attacks='clean,aa:apgd-ce', batch_size=8, state_path=state, **kw)
+    assert sizes == [4] and resumed.accuracy == first.accuracy
+    old = dict(json.loads(state.read_text()), version=3)  # written before AutoAttack kept its batch size
     state.write_text(json.dumps(old))
     with pytest.raises(ValueError, match=r'another version of robust-resnets \(state version 3, expected 4\)'):
         evaluate(model, x, y, attacks='clean,aa:apgd-ce', batch_size=4, state_path=state, **kw)
@@ -594,7 +604,8 @@ def test_example_seeds_stay_in_int64_for_any_seed():
     x, y = data(4, 3, model)
     kw = dict(attacks='clean,pgd2', progress=False, check_masking=False)
     assert evaluate(model, x, y, seed=2 ** 31, **kw).n_examples == 4
-    for bad in (-1, 2 ** 63, 1.5):
+    assert evaluate(model, x, y, seed=np.int64(3), **kw).seed == 3  # numpy and torch integers are integers
+    for bad in (-1, 2 ** 63, 1.5, True):
         with pytest.raises(ValueError, match=r'seed must be an integer from 0 to 2\*\*63 - 1'):
             evaluate(model, x, y, seed=bad, **kw)
 
@@ -659,6 +670,9 @@ def test_a_stock_timm_model_is_standardised_in_front(tmp_path, monkeypatch):
     mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
     with torch.no_grad():
         assert torch.allclose(model(x), model.model((x - mean) / std), atol=1e-6)
+        assert torch.allclose(model.forward_features(x), model.model.forward_features((x - mean) / std), atol=1e-6)
+        final, _ = model.forward_intermediates(x)
+        assert torch.allclose(final, model.model.forward_features((x - mean) / std), atol=1e-6)
     note, = model_notes(model, name='resnet18.a1_in1k')
     assert 'mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)' in note
     # the published weights' path (create_model(pretrained=True)) is wrapped too; no download here
@@ -678,7 +692,7 @@ def test_cli_eval_notes_the_standardisation_of_a_stock_timm_model(tmp_path, monk
     out = tmp_path / 'r.json'
     assert _run_cli(['eval', 'resnet18.a1_in1k', '--random-init', '--data-dir', str(tmp_path / 'cifar'),
                      '--n-examples', '2', '--attacks', 'clean', '--quiet', '--out', str(out)]) == 0
-    assert 'note: resnet18.a1_in1k is a timm model whose weights expect inputs standardised' in capsys.readouterr().err
+    assert 'note: resnet18.a1_in1k is a timm model whose pretrained cfg standardises inputs' in capsys.readouterr().err
     notes = read_results(out)['notes']
     assert len(notes) == 1 and 'std=(0.229, 0.224, 0.225)' in notes[0]
 
@@ -701,7 +715,7 @@ def test_cli_eval_step_size_and_seed_are_checked(tmp_path, monkeypatch, capsys, 
     assert _run_cli([*base, '--norm', 'L2', '--eps', '0.5', '--step-size', '1.5']) == 0  # L2 steps may exceed 1
     capsys.readouterr()
     assert _run_cli([*base, '--seed', str(2 ** 64)]) == 1
-    assert '--seed 18446744073709551616 is out of range' in capsys.readouterr().err
+    assert '--seed must be an integer from 0 to 2**63 - 1, got 18446744073709551616' in capsys.readouterr().err
 
 
 # --- the RobustBench adapter ---------------------------------------------------------------------------------------

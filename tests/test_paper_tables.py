@@ -258,6 +258,7 @@ def test_huang_et_al_readme_aa_columns_are_apgd_ce_and_apgd_t():
     ({'aa_attack': 'pgd20'}, ('params_m', 'aa'), 'evaluation.aa_attack must name an AutoAttack'),
     ({'aa_attack': 'aa:apgd-x'}, ('params_m', 'aa'), 'evaluation.aa_attack must name an AutoAttack'),
     ({'aa_attack': 'aa:apgd-ce'}, ('params_m',), "the 'aa' column, which the table does not print"),
+    ({'aa_attack': 'AA:APGD-CE'}, ('params_m', 'aa'), "write evaluation.aa_attack as 'aa:apgd-ce'"),
 ])
 def test_aa_attack_must_be_an_autoattack_of_an_aa_column(tmp_path, evaluation, columns, message):
     _one_table_file(tmp_path, evaluation={'aa_attack': 'aa:apgd-ce+apgd-t'})

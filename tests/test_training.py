@@ -76,8 +76,10 @@ def test_config_files_inherit_and_take_overrides(tmp_path):
     assert config_from_dict(config_to_dict(cfg)) == cfg
     # exponents without a decimal point, which YAML 1.1 reads as strings, are numbers (overrides and files)
     (tmp_path / 'exp.yaml').write_text('base: base.yaml\noptim:\n  lr: 1e-3\n')
-    cfg = load_config(tmp_path / 'exp.yaml', overrides=['optim.weight_decay=5E-4', 'run.epochs=2e1'])
+    cfg = load_config(tmp_path / 'exp.yaml', overrides=['optim.weight_decay=5E-4', 'run.epochs=2e1',
+                                                         'model.kwargs.drop_path_rate=1e-2'])
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.run.epochs) == (1e-3, 5e-4, 20)
+    assert cfg.model.kwargs['drop_path_rate'] == 1e-2
     with pytest.raises(ConfigError, match="'optim.lr' must be a number, got '1e-3x'"):
         load_config(tmp_path / 'exp.yaml', overrides=['optim.lr=1e-3x'])
     # another architecture with the recipe's model arguments left in place is refused, not built silently

@@ -107,6 +107,12 @@ def autoattack_settings(adversary) -> Dict[str, Any]:
     return {'version': adversary.version, 'attacks': list(adversary.attacks_to_run), 'per_attack': per_attack}
 
 
+def warning_kind(message: str) -> str:
+    """A warning with its numbers masked: pyautoattack's zero-gradient check prints a count that changes from
+    batch to batch (and between an interrupted run and its resumption), one kind of warning all the same."""
+    return re.sub(r'\d+', '#', message)
+
+
 class _Collect(logging.Handler):
     """Keeps the WARNING records of pyautoattack's logger, once per message (numbers masked: the zero-gradient
     check prints a count that changes from batch to batch)."""
@@ -118,7 +124,7 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
-        key = re.sub(r'\d+', '#', msg)
+        key = warning_kind(msg)
         if key not in self.seen:
             self.seen.add(key)
             self.new.append(msg)

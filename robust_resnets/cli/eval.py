@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from robust_resnets.evaluation import evaluate
-    from robust_resnets.evaluation.evaluate import SEED_RANGE
+    from robust_resnets.evaluation.evaluate import check_seed
     from robust_resnets.evaluation.results import format_eps, parse_eps, result_to_dict, write_json
     from robust_resnets.evaluation.sources import check_input_fits, load_dataset, load_model, model_notes, weights_entry
 
@@ -111,9 +111,8 @@ def run(args: argparse.Namespace) -> int:
         hint = f' Steps are in pixel units like --eps: did you mean --step-size {args.step_size}/255?' \
             if '/' not in args.step_size else ''
         print(f'robust-resnets eval: warning: --step-size {args.step_size} is larger than eps ({format_eps(eps)}): '
-              f'every PGD/CW step crosses the whole ball (the default is eps/10).{hint}', file=sys.stderr)
-    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
-        raise ValueError(f'--seed {args.seed} is out of range; give a seed from 0 to 2**63 - 1.')
+              f'each PGD/CW step is longer than the ball\'s radius (the default is eps/10).{hint}', file=sys.stderr)
+    check_seed(args.seed, name='--seed')  # before torch.manual_seed, which takes no larger seed
     if args.checkpoint is not None and args.random_init:
         raise ValueError('--checkpoint and --random-init exclude each other.')
     if args.key is not None and args.checkpoint is None:

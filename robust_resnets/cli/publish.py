@@ -27,8 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from robust_resnets.weights.manifest import get_manifest
-    from robust_resnets.weights.publish import pinned_hf_hub, publish_folder
+    from robust_resnets.weights.publish import entry_published_by, pinned_hf_hub, publish_folder
 
     plan, commit = publish_folder(args.folder, repo_id=args.repo_id, other_repo=args.other_repo,
                                   dry_run=args.dry_run, private=args.private, commit_message=args.message,
@@ -41,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if commit is None:
         return 0
     print(f'Commit: {commit.url}')
-    weights = get_manifest().get(plan.name)
-    if weights is None or weights.hf_hub_id != plan.repo_id:  # a copy elsewhere: the manifest keeps its pin
+    weights = entry_published_by(plan)
+    if weights is None:  # a copy elsewhere: the manifest keeps its pin
         return 0
     pinned = pinned_hf_hub(plan, commit)
     if pinned is None:

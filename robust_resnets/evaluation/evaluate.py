@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import time
 import warnings
 import zlib
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..attacks.autoattack import autoattack_settings, build_autoattack, iter_autoattack
+from ..attacks.autoattack import autoattack_settings, build_autoattack, iter_autoattack, warning_kind
 from ..attacks.pgd import pgd_attack
 from ..attacks.spec import DEFAULT_ATTACKS, AttackSpec, parse_attack, parse_attacks
 from ..files import write_text
@@ -250,10 +251,25 @@ class _State:
         self._last_save = time.monotonic()
 
 
+def check_seed(seed: Any, *, name: str = 'seed') -> int:
+    """``seed`` as an int when it is an integer (Python, numpy or torch) from 0 to 2**63 - 1.
+
+    Raises:
+        ValueError: It is not such an integer.
+    """
+    try:
+        value = operator.index(seed) if not isinstance(seed, bool) else None
+    except TypeError:
+        value = None
+    if value is None or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise ValueError(f'{name} must be an integer from {SEED_RANGE[0]} to 2**63 - 1, got {seed!r}.')
+    return value
+
+
 def _fingerprint(model: nn.Module, images: Tensor, labels: Tensor, specs: Sequence[AttackSpec],
-                 seed: int, batch_size: int) -> Dict[str, Any]:
-    """What a resumed evaluation must share with the interrupted one. The batch size counts only for
-    AutoAttack, whose random draws follow its batches (every other attack draws per example)."""
+                 seed: int) -> Dict[str, Any]:
+    """What a resumed evaluation must share with the interrupted one. The batch size is not part of it: every
+    attack but AutoAttack draws per example, and an AutoAttack run keeps the batch size it started with."""
     digest = hashlib.sha1()
     digest.update(labels.cpu().numpy().tobytes())
     digest.update(images[:, :, ::4, ::4].contiguous().cpu().numpy().tobytes())
@@ -261,7 +277,6 @@ def _fingerprint(model: nn.Module, images: Tensor, labels: Tensor, specs: Sequen
         'parameters': sum(p.numel() for p in model.parameters()), 'weights': _weights_digest(model),
         'data': digest.hexdigest(), 'n_examples': int(images.shape[0]), 'seed': seed,
         'attacks': {s.name: s.settings() for s in specs},
-        'autoattack_batch_size': batch_size if any(s.kind == 'autoattack' for s in specs) else None,
     }
 
 
@@ -359,8 +374,7 @@ def evaluate(
             allowed); a state file from another evaluation.
     """
     t_start = time.perf_counter()
-    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise ValueError(f'seed must be an integer from {SEED_RANGE[0]} to 2**63 - 1, got {seed!r}.')
+    seed = check_seed(seed)
     _check_inputs(model, images, labels, allow_train_mode)
     specs = _resolve_specs(attacks, eps=eps, norm=norm, step_size=step_size)
     if device is None:
@@ -381,7 +395,7 @@ def evaluate(
         batch_size = _auto_batch_size(model, images, n, device)
     elif batch_size < 1:
         raise ValueError(f'batch_size must be positive, got {batch_size}.')
-    state = _State(Path(state_path), _fingerprint(model, images, labels, specs, seed, batch_size)) \
+    state = _State(Path(state_path), _fingerprint(model, images, labels, specs, seed)) \
         if state_path is not None else _State(None, {})
     runner = _Runner(batch_size, progress)
     raised: List[str] = []
@@ -430,7 +444,8 @@ def evaluate(
 
             if spec.kind == 'autoattack':
                 def aa_warning(msg: str, entry: Dict[str, Any] = entry) -> None:
-                    if msg not in entry.setdefault('warnings', []):
+                    # once per kind: a resumed run repeats the zero-gradient check with another count
+                    if warning_kind(msg) not in {warning_kind(m) for m in entry.setdefault('warnings', [])}:
                         entry['warnings'].append(msg)
                         warn(msg)
 

@@ -30,7 +30,8 @@ class PixelInputModel(nn.Module):
     ``normalize`` (an :class:`~robust_resnets.models.layers.InputNormalize`) standardises the pixels with the
     mean and std of the model's pretrained cfg, then ``model`` runs, so that attacks perturb pixels and eps is
     in pixel units. ``pretrained_cfg`` is the model's with mean 0 and std 1, as this package's models have
-    them; any other attribute (``num_classes``, ``get_classifier``, ...) is the model's.
+    them; ``forward_features`` and ``forward_intermediates`` standardise first too; any other attribute
+    (``num_classes``, ``forward_head``, ``get_classifier``, ...) is the model's.
     """
 
     def __init__(self, model: nn.Module, *, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -51,6 +52,12 @@ class PixelInputModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(self.normalize(x))
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(self.normalize(x))
+
+    def forward_intermediates(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.model.forward_intermediates(self.normalize(x), *args, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -64,9 +71,9 @@ class PixelInputModel(nn.Module):
         """What the wrapping did, for a results file."""
         mean = tuple(round(v, 4) for v in self.normalize.mean.flatten().tolist())
         std = tuple(round(v, 4) for v in self.normalize.std.flatten().tolist())
-        return (f"{name} is a timm model whose weights expect inputs standardised with mean={mean}, std={std} "
-                f"(its pretrained cfg): it was evaluated with that standardisation in front (InputNormalize), so "
-                f"that it takes [0, 1] pixels and eps is in pixel units.")
+        return (f"{name} is a timm model whose pretrained cfg standardises inputs with mean={mean}, std={std}: it "
+                f"was evaluated with that standardisation in front (InputNormalize), so that it takes [0, 1] pixels "
+                f"and eps is in pixel units.")
 
 
 def _pixel_input(model: nn.Module) -> nn.Module:

@@ -361,6 +361,18 @@ def _describe(tp: Any) -> str:
 _YAML12_FLOAT = re.compile(r'[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+')
 
 
+def _yaml12_numbers(value: Any) -> Any:
+    """``value`` with the strings YAML 1.2 reads as numbers (1e-3) made numbers, in nested mappings and lists too
+    (free-form values such as ``model.kwargs`` have no annotation to coerce them)."""
+    if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {k: _yaml12_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml12_numbers(v) for v in value]
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Checks ``value`` against the annotation ``tp`` (ints become floats where floats are expected)."""
     origin = typing.get_origin(tp)
@@ -383,15 +395,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (dict, Dict):
         if not isinstance(value, Mapping):
             raise ConfigError(f"'{key}' must be a mapping, got {value!r}.")
-        return dict(value)
+        return _yaml12_numbers(dict(value))
     if tp is Any:
-        return value
+        return _yaml12_numbers(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"'{key}' must be true or false, got {value!r}.")
-    if tp in (int, float) and isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
-        value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and Python read a number
+    if tp in (int, float):
+        value = _yaml12_numbers(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and Python a number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -31,6 +31,7 @@ __all__ = [
     'ManifestError', 'PretrainedWeights', 'ENTRY_FIELDS', 'MANIFEST_DIR_ENV', 'PACKAGED_WEIGHTS_DIR', 'ORIGINS',
     'manifest_dirs', 'add_manifest_dir',
     'load_manifest', 'get_manifest', 'get_weights', 'entries_for_architecture', 'validate_entry', 'parse_eps',
+    'is_commit_id',
 ]
 
 MANIFEST_DIR_ENV = 'ROBUST_RESNETS_MANIFEST_DIR'
@@ -54,6 +55,11 @@ _SHA256_RE = re.compile(r'^[0-9a-f]{64}$')
 _EPS_RE = re.compile(r'^\d+(\.\d+)?(/\d+)?$')
 _REPO_ID_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$')
 _COMMIT_RE = re.compile(r'^[0-9a-f]{40}$')
+
+
+def is_commit_id(text: Any) -> bool:
+    """Whether ``text`` is a full git commit id (40 lower-case hex digits), as a pinned ``hf_hub.revision`` must be."""
+    return isinstance(text, str) and _COMMIT_RE.match(text) is not None
 
 DATASET_CLASSES = {'cifar10': 10, 'cifar100': 100, 'svhn': 10, 'imagenet': 1000}
 THREAT_MODELS = ('Linf', 'L2', 'L1')
@@ -289,7 +295,7 @@ def validate_entry(name: str, entry: Mapping[str, Any]) -> List[str]:
             errors.append(f"hf_hub.repo_id must look like 'org/name', got {hub['repo_id']!r}")
         if not isinstance(hub['filename'], str) or not hub['filename'].endswith('.safetensors'):
             errors.append(f"hf_hub.filename must be a .safetensors file, got {hub['filename']!r}")
-        if 'revision' in hub and not (isinstance(hub['revision'], str) and _COMMIT_RE.match(hub['revision'])):
+        if 'revision' in hub and not is_commit_id(hub['revision']):
             errors.append(f"hf_hub.revision must be the 40-hex-digit commit id the upload made (robust-resnets "
                           f"publish prints it), got {hub['revision']!r}; a branch or tag name can move")
 

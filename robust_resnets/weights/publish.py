@@ -14,8 +14,9 @@ from typing import Any, Dict, Optional, Tuple
 
 from .convert import OUTPUT_FILES
 from .hub import sha256_file
+from .manifest import PretrainedWeights, is_commit_id
 
-__all__ = ['PublishPlan', 'UploadCommit', 'plan_upload', 'publish_folder', 'pinned_hf_hub']
+__all__ = ['PublishPlan', 'UploadCommit', 'plan_upload', 'publish_folder', 'pinned_hf_hub', 'entry_published_by']
 
 _COMMIT_URL_RE = re.compile(r'/commit/([0-9a-f]{40})(?:[/?#]|$)')
 
@@ -131,19 +132,26 @@ def _commit_of(info: Any) -> UploadCommit:
     """The URL and commit id of what ``upload_folder`` returned (a ``CommitInfo``; older versions: its URL)."""
     url = str(getattr(info, 'commit_url', info))
     oid = getattr(info, 'oid', None)
-    if not (isinstance(oid, str) and re.fullmatch(r'[0-9a-f]{40}', oid)):
+    if not is_commit_id(oid):
         found = _COMMIT_URL_RE.search(url)
         oid = found.group(1) if found else None
     return UploadCommit(url=url, revision=oid)
 
 
-def pinned_hf_hub(plan: PublishPlan, commit: UploadCommit) -> Optional[Dict[str, str]]:
-    """The ``hf_hub`` block that pins the plan's manifest entry to ``commit``; None where the upload went to
-    another repo than the entry's (or its commit id is unknown)."""
+def entry_published_by(plan: PublishPlan) -> Optional[PretrainedWeights]:
+    """The manifest entry the plan uploads for, when it uploads to that entry's own repo (None for a copy elsewhere,
+    whose upload the entry does not point to)."""
     from .manifest import get_manifest
 
     weights = get_manifest().get(plan.name)
-    if weights is None or commit.revision is None or weights.hf_hub_id != plan.repo_id:
+    return weights if weights is not None and weights.hf_hub_id == plan.repo_id else None
+
+
+def pinned_hf_hub(plan: PublishPlan, commit: UploadCommit) -> Optional[Dict[str, str]]:
+    """The ``hf_hub`` block that pins the plan's manifest entry to ``commit``; None where the upload went to
+    another repo than the entry's (or its commit id is unknown)."""
+    weights = entry_published_by(plan)
+    if weights is None or commit.revision is None:
         return None
     return {'repo_id': weights.hf_hub_id, 'filename': weights.hf_filename, 'revision': commit.revision}
 
