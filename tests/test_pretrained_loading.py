@@ -196,9 +196,25 @@ def test_overlay_naming_its_own_source_loads_it(hub_env, monkeypatch, tiny_weigh
                       hashlib.sha256(path.read_bytes()).hexdigest())
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)  # timm's own download reads the value of import time
+    from robust_resnets.weights.pretrained import _timm_reaches_the_hub, _timm_takes_cache_dir
+
     for name in (NAME, 'preact_resnet.fx_unpublished'):
-        model = timm.create_model(name, pretrained=True, cache_dir=str(cache),
-                                  pretrained_cfg_overlay=dict(hf_hub_id='someone/fine-tune'))
+        overlay = dict(hf_hub_id='someone/fine-tune')
+        if not _timm_reaches_the_hub():  # timm 1.0.9 with huggingface_hub >= 1.0: the error names the way round
+            with pytest.raises(RuntimeError, match='hf_hub_download'):
+                timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+            from huggingface_hub import hf_hub_download
+
+            file = hf_hub_download('someone/fine-tune', 'model.safetensors', cache_dir=cache, local_files_only=True)
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file))
+            _assert_loaded(model, mine)
+            continue
+        if _timm_takes_cache_dir():
+            model = timm.create_model(name, pretrained=True, cache_dir=str(cache), pretrained_cfg_overlay=overlay)
+        else:  # a timm without cache_dir downloads the overlay's file itself, from the cache the environment names
+            with pytest.raises(TypeError, match='HF_HUB_CACHE'):
+                timm.create_model(name, pretrained=True, cache_dir=str(cache), pretrained_cfg_overlay=overlay)
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
         _assert_loaded(model, mine)
         assert model.pretrained_cfg['hf_hub_id'] == 'someone/fine-tune'
 
@@ -207,6 +223,31 @@ def test_overlay_naming_its_own_source_loads_it(hub_env, monkeypatch, tiny_weigh
     model = timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(url=(tmp_path / 'mine.pth').as_uri()))
     _assert_loaded(model, mine)
     assert [len(s.blocks) for s in model.stages] == [1, 1, 1]  # the tag still gives the architecture
+
+
+def test_cache_dir_argument_finds_the_manifest_weights(hub_env, monkeypatch, tiny_weights, tmp_path):
+    """create_model(..., cache_dir=...) reads the manifest's file from that cache, with every supported timm."""
+    _, data, sha = hub_env
+    elsewhere = tmp_path / 'elsewhere'
+    populate_hf_cache(elsewhere, REPO, 'model.safetensors', data, sha)  # not in the cache the environment names
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    _assert_loaded(timm.create_model(NAME, pretrained=True, cache_dir=str(elsewhere)), tiny_weights[1])
+    assert timm.create_model(NAME, pretrained=False, cache_dir=str(elsewhere)).num_classes == 10
+
+
+def test_cache_dir_is_refused_only_where_an_older_timm_downloads(hub_env, monkeypatch, tmp_path):
+    """With a timm that takes no cache_dir, it is used for the manifest's file and refused (naming the
+    environment variables) for an overlay that timm downloads itself; it never reaches the model."""
+    from robust_resnets.weights import pretrained
+
+    monkeypatch.setattr(pretrained, '_timm_takes_cache_dir', lambda: False)
+    resolve = pretrained.resolve_pretrained_kwargs
+    assert 'cache_dir' not in resolve('preact_resnet', False, {'pretrained_cfg': 'fx_tiny', 'cache_dir': 'c'})
+    with pytest.raises(TypeError, match='HF_HUB_CACHE'):
+        resolve('preact_resnet', True, {'pretrained_cfg': 'fx_unpublished', 'cache_dir': 'c',
+                                        'pretrained_cfg_overlay': {'url': 'https://example.org/w.pth'}})
+    kept = resolve('preact_resnet', True, {'cache_dir': 'c', 'pretrained_cfg_overlay': {'state_dict': {}}})
+    assert 'cache_dir' not in kept and kept['pretrained_cfg_overlay'] == {'state_dict': {}}
 
 
 def test_pinned_revision_survives_a_later_upload(hub_env, monkeypatch, tiny_weights, tmp_path):

@@ -13,6 +13,7 @@ architecture's arguments. A local ``file`` must be a ``.safetensors`` made for t
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -116,6 +117,20 @@ def _default_entry(variant: str) -> Optional[PretrainedWeights]:
     return plain[0] if plain else None
 
 
+def _timm_takes_cache_dir() -> bool:
+    """Whether this timm's ``build_model_with_cfg`` takes ``cache_dir`` (timm 1.0.9 passes it on to the model)."""
+    from timm.models import build_model_with_cfg
+
+    return 'cache_dir' in inspect.signature(build_model_with_cfg).parameters
+
+
+def _timm_reaches_the_hub() -> bool:
+    """Whether this timm can download from the Hub (timm 1.0.9 cannot with huggingface_hub >= 1.0)."""
+    from timm.models import _hub
+
+    return getattr(_hub, '_has_hf_hub', True)
+
+
 def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """Returns the ``build_model_with_cfg`` kwargs for ``variant`` with the manifest's weights resolved.
 
@@ -127,11 +142,37 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
 
     Raises:
         RuntimeError: The weights are not published, not cached while offline, failed to download, or
-            (shipped in the package) missing from this installation.
+            (shipped in the package) missing from this installation; or an overlay names an ``hf_hub_id``
+            that this timm cannot download (its Hub support is off).
         ChecksumError: The file differs from the manifest (never loaded; a Hub download is also deleted).
         ValueError: A local file does not fit the architecture.
+        TypeError: ``cache_dir`` was given for weights that this timm (one without ``cache_dir``) downloads itself.
     """
-    kwargs = dict(kwargs)
+    kwargs = _resolve(variant, pretrained, dict(kwargs))
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    if pretrained and _own_source(overlay) == 'hf_hub_id' and not _timm_reaches_the_hub():
+        import huggingface_hub
+        import timm
+
+        raise RuntimeError(f'timm {timm.__version__} cannot use huggingface_hub {huggingface_hub.__version__}, so it '
+                           f"cannot fetch hf_hub_id={overlay['hf_hub_id']!r}; download the file and pass "
+                           "pretrained_cfg_overlay=dict(file=huggingface_hub.hf_hub_download(repo_id, 'model.safetensors'))"
+                           ' instead, or upgrade timm.')
+    if 'cache_dir' not in kwargs or _timm_takes_cache_dir():
+        return kwargs
+    cache_dir = kwargs.pop('cache_dir')
+    timm_downloads = _own_source(overlay) not in ('file', 'state_dict')
+    if pretrained and cache_dir is not None and timm_downloads:
+        import timm
+
+        raise TypeError(f'timm {timm.__version__} takes no cache_dir for the weights it downloads itself '
+                        f"('{variant}' with pretrained_cfg={kwargs.get('pretrained_cfg')!r}); set the "
+                        'HF_HUB_CACHE (Hub) or TORCH_HOME (url) environment variable instead, or upgrade timm.')
+    return kwargs
+
+
+def _resolve(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``resolve_pretrained_kwargs`` for a timm that takes ``cache_dir``."""
     cfg_arg = kwargs.get('pretrained_cfg')
     if cfg_arg is not None and not isinstance(cfg_arg, str):
         source = cfg_arg.get('source') if isinstance(cfg_arg, Mapping) else getattr(cfg_arg, 'source', None)
