@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from robust_resnets.attacks import (
-    autoattack_attack, cw_attack, cw_loss, fgsm_attack, parse_attack, parse_attacks, pgd_attack,
+    autoattack_attack, cw_attack, cw_loss, default_eps, fgsm_attack, parse_attack, parse_attacks, pgd_attack,
 )
 
 
@@ -164,6 +164,25 @@ def test_attack_names():
         parse_attack('pgd10', eps=8.0, norm='L1')
     with pytest.raises(ValueError, match='repeat'):
         parse_attacks('pgd20,PGD20', eps=8 / 255)
+
+
+def test_default_steps_cross_the_ball_and_radii_follow_the_norm():
+    """eps/10 from 20 steps on (Huang et al.'s PGD-20, CW-40); fewer steps still travel 2 eps in all (at most
+    eps each); RobustBench's radii per norm; a Linf value above 1 is refused with the /255 hint."""
+    eps = 8 / 255
+    steps = {k: parse_attack(k, eps=eps).step_size for k in ('pgd20', 'cw40', 'pgd100', 'pgd10', 'pgd5', 'pgd1')}
+    assert steps == pytest.approx({'pgd20': eps / 10, 'cw40': eps / 10, 'pgd100': eps / 10, 'pgd10': eps / 5,
+                                   'pgd5': 2 * eps / 5, 'pgd1': eps})
+    assert default_eps(norm='Linf', dataset='cifar10') == pytest.approx(8 / 255)
+    assert default_eps(norm='Linf', dataset='imagenet') == pytest.approx(4 / 255)
+    assert (default_eps(norm='L2', dataset='cifar100'), default_eps(norm='L1', dataset='cifar10')) == (0.5, 12.0)
+    with pytest.raises(ValueError, match='ImageNet has no usual L2 radius'):
+        default_eps(norm='L2', dataset='imagenet')
+    with pytest.raises(ValueError, match=r'eps=8 is larger .* did you mean eps=8/255\?'):
+        parse_attack('clean', eps=8.0)
+    with pytest.raises(ValueError, match=r'step_size=2 is larger .* did you mean step_size=2/255\?'):
+        parse_attack('pgd20', eps=eps, step_size=2.0)
+    assert parse_attack('pgd20', eps=3.0, norm='L2', step_size=1.5).step_size == 1.5
 
 
 def test_autoattack_end_to_end_on_a_tiny_model():

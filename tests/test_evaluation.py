@@ -12,6 +12,7 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from safetensors.torch import save_file
 
 from robust_resnets.evaluation import GradientMaskingWarning, evaluate
 from robust_resnets.evaluation.leaderboard import leaderboard_rows, render_html, render_markdown
@@ -163,6 +164,7 @@ def test_resumes_from_the_state_file(tmp_path):
         evaluate(Interrupting(16).eval(), x, y, state_path=state, **kw)
     saved = json.loads(state.read_text())
     assert saved['attacks']['clean']['complete'] and not saved['attacks'].get('cw3', {}).get('complete')
+    assert saved['attacks']['pgd3']['done'] > 0  # the batches finished before Ctrl-C are kept
     resumed = evaluate(model, x, y, state_path=state, **kw)
     for name in ('clean', 'pgd3', 'cw3'):
         assert torch.equal(full.attacks[name].correct, resumed.attacks[name].correct)
@@ -214,7 +216,7 @@ def test_autoattack_through_evaluate_results_json_and_leaderboard(tmp_path):
     assert info['eps'] == '8/255' and info['clean_acc'] == f"{100 * r.clean_accuracy:.2f}"
     assert info['autoattack_acc'] == f"{100 * r.accuracy['aa']:.2f}" and info['reported'] == '65.79'
     settings_ = data_['attacks']['pgd5']['settings']
-    assert settings_.pop('step_size') == pytest.approx(0.8 / 255)
+    assert settings_.pop('step_size') == pytest.approx(2 * (8 / 255) / 5)  # pgd5: 2 eps / steps
     assert settings_ == {'kind': 'pgd', 'eps': 8 / 255, 'norm': 'Linf', 'steps': 5, 'restarts': 1, 'random_start': True}
     path = write_json(data_, tmp_path / 'out' / 'r.json')
     assert read_results(path)['clean_accuracy'] == r.clean_accuracy
@@ -291,8 +293,10 @@ def test_eps_spelling():
     assert parse_eps('8/255') == pytest.approx(8 / 255) and parse_eps('0.5') == 0.5
     assert format_eps(8 / 255) == '8/255' and format_eps(0.5) == '0.5'
     assert [format_eps(e) for e in (1.0, 3.0, 12.0, 4 / 255, 0.0)] == ['1', '3', '12', '4/255', '0']
-    with pytest.raises(ValueError, match='eps'):
-        parse_eps('eight')
+    assert parse_eps('0.8/255') == pytest.approx(0.8 / 255) and parse_eps(' 8 / 255 ') == 8 / 255
+    for bad in ('eight', '8/0', '1/2/3', 'nan', 'inf', '8/255x', ''):
+        with pytest.raises(ValueError, match='eps'):
+            parse_eps(bad)
 
 
 def _write_images(root: Path, per_class: int, size: int = 32) -> None:
@@ -421,6 +425,18 @@ def test_cli_eval_names_the_mistake(tmp_path, monkeypatch, capsys):
     err = error(['eval', 'wrn_22_5', '--checkpoint', str(tmp_path / 'tiny.pt'), *data])
     assert 'does not fit wrn_22_5 as built here: missing keys: ' in err and 'shape mismatches (checkpoint vs model)' in err
     assert len(err.splitlines()) == 1
+    run = tmp_path / 'run100'
+    run.mkdir()
+    torch.save(timm.create_model('wrn_22_5', num_classes=100, **tiny).state_dict(), run / 'last.pt')
+    (run / 'config.json').write_text(json.dumps({'architecture': 'wrn_22_5', 'model_args': tiny}))
+    err = error(['eval', 'wrn_22_5', '--checkpoint', str(run / 'last.pt'), *data])
+    assert 'has a 100-class head' in err and 'pass --dataset cifar100' in err
+    safetensors_file = tmp_path / 'tiny.safetensors'
+    save_file(timm.create_model('wrn_22_5', **tiny).state_dict(), str(safetensors_file))
+    err = error(['eval', 'wrn_22_5', '--checkpoint', str(safetensors_file), '--key', 'state_dict_ema', *data])
+    assert "no 'state_dict_ema' in it" in err and 'drop --key' in err
+    assert "Unknown attack 'pgdx'" in error(['eval', 'wrn_22_5', '--random-init', '--attacks', 'clean,pgdx',
+                                             '--data-dir', str(tmp_path / 'no-data-here')])  # before any loading
     err = error(['eval', 'vit_small_convstem', '--random-init', '--dataset', 'cifar10', *data])
     assert 'vit_small_convstem does not take cifar10 images ((3, 32, 32))' in err and '(3, 224, 224)' in err
 
@@ -741,3 +757,41 @@ def test_robustbench_benchmark_refuses_a_cifar_preprocessing_it_would_ignore(tmp
     with pytest.raises(ValueError, match='cannot apply another preprocessing'):
         benchmark(model, n_examples=10, dataset='cifar10', data_dir=tmp_path / 'cifar', device='cpu',
                   preprocessing='Res256Crop224')
+
+
+def test_threat_model_defaults_follow_the_norm(tmp_path, monkeypatch, capsys, tiny_registered_model):
+    """Without --eps, each norm gets RobustBench's radius (an L2 run is not run at the Linf radius), and a
+    Linf radius above 1 is refused by evaluate itself, not only by the command line."""
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    _write_images(tmp_path / 'cifar', per_class=1)
+    base = ['eval', tiny_registered_model, '--random-init', '--data-dir', str(tmp_path / 'cifar'), '--n-examples',
+            '4', '--attacks', 'clean,pgd2', '--quiet', '--no-masking-check']
+    for norm, eps in (('L2', 0.5), ('Linf', 8 / 255)):
+        out = tmp_path / f'{norm}.json'
+        assert _run_cli([*base, '--norm', norm, '--out', str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result['threat_model']['eps'] == pytest.approx(eps)
+        assert result['attacks']['pgd2']['settings']['step_size'] == pytest.approx(eps)  # 2 * eps / 2 steps
+    capsys.readouterr()
+    assert _run_cli([*base, '--norm', 'L2', '--dataset', 'imagenet']) == 1
+    assert 'give one with --eps' in capsys.readouterr().err
+    model = tiny_cnn()
+    x, y = data(4, 0, model)
+    with pytest.raises(ValueError, match=r'eps=8 is larger than the whole \[0, 1\] pixel range.*eps=8/255\?'):
+        evaluate(model, x, y, attacks='clean', eps=8, progress=False)
+    assert evaluate(model, x, y, attacks='clean', eps=8, norm='L2', progress=False).n_examples == 4
+
+
+def test_an_untagged_name_evaluates_its_default_tag(tmp_path, capsys):
+    """eval ARCH resolves to the tag timm.create_model(ARCH, pretrained=True) loads, and says so; with
+    --checkpoint or --random-init the name is kept."""
+    from robust_resnets.evaluation.sources import resolve_model_name
+
+    assert resolve_model_name('robust_resnet_a1') == 'robust_resnet_a1.cifar10_trades'
+    assert resolve_model_name('robust_resnet_a1', checkpoint='w.pt') == 'robust_resnet_a1'
+    assert resolve_model_name('robust_resnet_a1', random_init=True) == 'robust_resnet_a1'
+    assert resolve_model_name('resnet18') == 'resnet18'  # no manifest entries: timm's own
+    assert _run_cli(['eval', 'robust_resnet_a1', '--data-dir', str(tmp_path), '--attacks', 'clean']) == 1
+    err = capsys.readouterr().err
+    assert 'resolves to its default tag, robust_resnet_a1.cifar10_trades' in err
+    assert 'robust-resnets eval robust_resnet_a1.cifar10_trades --checkpoint ORIGINAL' in err

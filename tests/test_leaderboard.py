@@ -88,3 +88,32 @@ def test_a_custom_autoattack_run_reaches_the_json_and_the_leaderboard(tmp_path):
     assert _shown(row) == {'pgd2': pytest.approx(100 * result.accuracy['pgd2']),
                            'aa:apgd-ce': pytest.approx(100 * result.accuracy['aa:apgd-ce'])}
     assert row['worst case'] == f'{100 * result.robust_accuracy:.2f}' and row['AutoAttack'] == '-'
+
+
+def test_cli_leaderboard_refuses_an_existing_out_without_overwrite(tmp_path, capsys):
+    from robust_resnets.cli import main
+    results = write_json(result_to_dict(_result({'pgd2': (1, 0)}), model='m', dataset='cifar10'), tmp_path / 'r.json')
+    out = tmp_path / 'lb.md'
+    out.write_text('kept\n')
+    assert main(['leaderboard', str(results), '--out', str(out)]) == 1
+    assert f'{out} already exists; pass --overwrite or choose another --out.' in capsys.readouterr().err
+    assert out.read_text() == 'kept\n'
+    assert main(['leaderboard', str(results), '--out', str(out), '--overwrite']) == 0
+    assert '| pgd2 50.00 |' in out.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['lb.md', 'r.json']  # no temporary file left
+    # not even --overwrite writes the table over a results file it reads
+    assert main(['leaderboard', str(results), '--out', str(results), '--overwrite']) == 1
+    assert 'is one of the results files to read' in capsys.readouterr().err
+    assert read_results(results)['schema']
+
+
+def test_read_results_names_the_file_it_was_given(tmp_path):
+    run_config = tmp_path / 'run' / 'config.json'  # what a training run exports beside model.safetensors
+    run_config.parent.mkdir()
+    run_config.write_text('{"architecture": "preact_resnet", "pretrained_cfg": {}, "training": {"recipe": "x"}}')
+    with pytest.raises(ValueError, match=r"is not a robust-resnets results file \(a training run's config.json\); "
+                                         r"pass a file written by `robust-resnets eval MODEL ... --out RESULTS.json`"):
+        read_results(run_config)
+    (tmp_path / 'other.json').write_text('{"schema": "other"}')
+    with pytest.raises(ValueError, match=r"\(schema 'other', not 'robust-resnets/eval-result/1'\)"):
+        read_results(tmp_path / 'other.json')

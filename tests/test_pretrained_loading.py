@@ -250,6 +250,17 @@ def test_cache_dir_is_refused_only_where_an_older_timm_downloads(hub_env, monkey
     assert 'cache_dir' not in kept and kept['pretrained_cfg_overlay'] == {'state_dict': {}}
 
 
+def test_an_argument_contradicting_the_tag_is_refused(hub_env):
+    """A tag builds its checkpoint's architecture: a caller's argument that differs is refused (not overridden),
+    one that agrees (a tuple for the manifest's list) is fine, and the untagged name builds the caller's."""
+    for pretrained in (False, True):
+        with pytest.raises(ValueError, match=r"contradicts your depths=\[2, 1, 1\].*'preact_resnet' without a tag"):
+            timm.create_model(NAME, pretrained=pretrained, depths=[2, 1, 1])
+    assert timm.create_model(NAME, depths=(1, 1, 1), widths=(1, 1, 1), num_classes=3).num_classes == 3
+    assert [len(s.blocks) for s in timm.create_model('preact_resnet', depths=[2, 1, 1], widths=[1, 1, 1]).stages] \
+        == [2, 1, 1]
+
+
 def test_pinned_revision_survives_a_later_upload(hub_env, monkeypatch, tiny_weights, tmp_path):
     """An entry pinned to its upload's commit loads that file after main moved to a new upload."""
     cache, data, sha = hub_env

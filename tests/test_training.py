@@ -89,6 +89,43 @@ def test_config_files_inherit_and_take_overrides(tmp_path):
         .model.kwargs == {}
 
 
+def test_radii_take_fractions_and_a_linf_radius_above_one_is_refused(tmp_path):
+    cfg = load_config('quick_cifar10', overrides=['attack.eps=8/255', 'attack.step_size=2/255',
+                                                  'eval.pgd_step_size=1/255'])
+    assert (cfg.attack.eps, cfg.attack.step_size, cfg.eval.pgd_step_size) == (8 / 255, 2 / 255, 1 / 255)
+    (tmp_path / 'r.yaml').write_text('base: ' + str(config_mod.resolve_config_path('quick_cifar10')) +
+                                     '\nattack:\n  eps: 4/255\n  step_size: 1/255\n')
+    cfg = load_config(tmp_path / 'r.yaml')
+    assert (cfg.attack.eps, cfg.attack.step_size) == (4 / 255, 1 / 255)
+    assert config_from_dict(config_to_dict(cfg)) == cfg  # recorded as numbers
+    with pytest.raises(ConfigError, match=r"attack.eps=8 is larger than the whole \[0, 1\] pixel range; .*"
+                                          r"did you mean attack.eps=8/255\?"):
+        load_config('quick_cifar10', overrides=['attack.eps=8'])
+    with pytest.raises(ConfigError, match=r"attack.step_size=2 is larger .* did you mean attack.step_size=2/255\?"):
+        load_config('quick_cifar10', overrides=['attack.step_size=2'])
+    with pytest.raises(ConfigError, match=r"eval.pgd_step_size=2 is larger .* did you mean eval.pgd_step_size=2/255\?"):
+        load_config('quick_cifar10', overrides=['eval.pgd_step_size=2'])
+    with pytest.raises(ConfigError, match="'attack.eps' must be a number or a fraction such as 8/255, got '8/x'"):
+        load_config('quick_cifar10', overrides=['attack.eps=8/x'])
+    with pytest.raises(ConfigError, match="'optim.lr' must be a number"):  # fractions are for the radii only
+        load_config('quick_cifar10', overrides=['optim.lr=1/10'])
+    # L2 radii are not bounded by the pixel range
+    assert load_config('quick_cifar10', overrides=['attack.norm=L2', 'attack.eps=3', 'attack.step_size=1.5']) \
+        .attack.eps == 3.0
+
+
+def test_overrides_are_recorded_in_the_description():
+    recipe = load_config('quick_cifar10').description
+    assert recipe == 'Quick PGD-AT WRN-16-4, CIFAR-10'
+    cfg = load_config('quick_cifar10', overrides=['model.name=robust_resnet_a0', 'model.kwargs={}',
+                                                  'data.root=/data', 'run.max_steps=5'])
+    assert cfg.description == f'{recipe} (with overrides model.name=robust_resnet_a0, model.kwargs={{}})'
+    # run-control keys change nothing the recipe trains; a description of one's own is kept as given
+    assert load_config('quick_cifar10', overrides=['data.root=/data', 'run.progress=false']).description == recipe
+    assert load_config('quick_cifar10', overrides=['model.name=robust_resnet_a0', 'model.kwargs={}',
+                                                   'description=A0 quick']).description == 'A0 quick'
+
+
 def test_shipped_recipes_load_and_match_the_papers():
     names = config_mod.list_builtin_configs()
     for a in range(1, 5):

@@ -22,7 +22,8 @@ from typing import Any, Dict, Optional, Tuple
 
 from .autoattack import AUTOATTACK_ATTACKS, AUTOATTACK_NORMS
 
-__all__ = ['AttackSpec', 'parse_attack', 'parse_attacks', 'DEFAULT_ATTACKS', 'default_step_size']
+__all__ = ['AttackSpec', 'parse_attack', 'parse_attacks', 'DEFAULT_ATTACKS', 'check_pixel_units', 'default_eps',
+           'default_step_size']
 
 #: Clean, PGD-20 and CW-40 as Huang et al. (2022) evaluate them, and AutoAttack standard (RobustBench's). Huang et
 #: al.'s own eval_robustness.py (zhichao-lu/robust-residual-network at 8c6d2c2) runs only AutoAttack's APGD-CE and
@@ -85,9 +86,51 @@ class AttackSpec:
         return out
 
 
-def default_step_size(eps: float) -> float:
-    """eps / 10: 0.8/255 at eps = 8/255, the step of Huang et al.'s PGD-20 and CW-40."""
-    return eps / 10
+def default_step_size(eps: float, *, steps: int = 20) -> float:
+    """The PGD/CW step for ``steps`` steps in a ball of radius ``eps``: eps/10 from 20 steps on (0.8/255 at
+    8/255, the step of Huang et al.'s PGD-20 and CW-40), else 2 * eps / steps (at most eps), so that fewer
+    steps still cross the ball (PGD-10: eps/5)."""
+    return eps * max(0.1, min(1.0, 2.0 / steps))
+
+
+def check_pixel_units(value: float, *, norm: str, name: str, text: Optional[str] = None) -> None:
+    """Refuses a Linf radius or step above 1 (the whole [0, 1] pixel range): most likely one meant x/255.
+
+    Args:
+        value: The radius or step.
+        norm: Its threat model; only Linf values are bounded.
+        name: What the user set, as they spell it: a flag (``--eps``) or a key (``eps``, ``attack.eps``).
+        text: The value as the user wrote it (default: ``value``).
+
+    Raises:
+        ValueError: A Linf value above 1, naming the likely fix.
+    """
+    if norm == 'Linf' and value > 1:
+        shown = text if text is not None else f'{value:g}'
+        written = f'{name} {shown}' if name.startswith('--') else f'{name}={shown}'
+        raise ValueError(f'{written} is larger than the whole [0, 1] pixel range; Linf radii and steps are in pixel '
+                         f'units: did you mean {written}/255?')
+
+
+#: RobustBench's CIFAR radii per norm; ImageNet's Linf radius.
+DEFAULT_EPS = {'Linf': 8 / 255, 'L2': 0.5, 'L1': 12.0}
+IMAGENET_LINF_EPS = 4 / 255
+
+
+def default_eps(*, norm: str, dataset: str) -> float:
+    """The usual radius of a threat model: RobustBench's (CIFAR: Linf 8/255, L2 0.5, L1 12; ImageNet: Linf 4/255).
+
+    Raises:
+        ValueError: An unknown norm, or an ImageNet L2/L1 threat model (no common radius: give one).
+    """
+    if norm not in DEFAULT_EPS:
+        raise ValueError(f"Unknown norm '{norm}'; use one of {tuple(DEFAULT_EPS)}.")
+    if dataset == 'imagenet':
+        if norm != 'Linf':
+            raise ValueError(f'ImageNet has no usual {norm} radius (RobustBench ranks Linf 4/255 only); '
+                             f'give one with --eps (eps=).')
+        return IMAGENET_LINF_EPS
+    return DEFAULT_EPS[norm]
 
 
 def parse_attack(name: str, *, eps: float, norm: str = 'Linf', step_size: Optional[float] = None) -> AttackSpec:
@@ -97,6 +140,9 @@ def parse_attack(name: str, *, eps: float, norm: str = 'Linf', step_size: Option
         raise ValueError(f"Unknown norm '{norm}'; use one of {AUTOATTACK_NORMS}.")
     if eps < 0:
         raise ValueError(f'eps must be non-negative, got {eps}.')
+    check_pixel_units(eps, norm=norm, name='eps')
+    if step_size is not None:
+        check_pixel_units(step_size, norm=norm, name='step_size')
     if key == 'clean':
         return AttackSpec(name=key, kind='clean')
     if key in _AA_VERSIONS:
@@ -118,7 +164,7 @@ def parse_attack(name: str, *, eps: float, norm: str = 'Linf', step_size: Option
         if int(steps) < 1 or (restarts is not None and int(restarts) < 1):
             raise ValueError(f"Attack '{name}' needs at least one step and one restart.")
         return AttackSpec(name=key, kind=kind, eps=eps, norm=norm, steps=int(steps),
-                          step_size=default_step_size(eps) if step_size is None else float(step_size),
+                          step_size=default_step_size(eps, steps=int(steps)) if step_size is None else float(step_size),
                           restarts=int(restarts or 1), random_start=not no_start)
     raise ValueError(f"Unknown attack '{name}'. Use clean, fgsm, pgd<K>[r<R>][n] (e.g. pgd20, pgd50r10), "
                      f"cw<K>[r<R>][n] (e.g. cw40), aa, aa-plus, aa-rand or aa:<attack>+<attack>.")

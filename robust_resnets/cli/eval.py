@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,11 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument('--dataset', default=None, choices=('cifar10', 'cifar100', 'imagenet'),
                         help="default: the tag's dataset, else cifar10")
     parser.add_argument('--attacks', default='clean,pgd20,cw40,aa', help='comma-separated (default: %(default)s)')
-    parser.add_argument('--eps', default=None, help='threat model radius, e.g. 8/255 (default: the manifest entry '
-                                                    "of the tag, else 8/255 for CIFAR and 4/255 for ImageNet)")
+    parser.add_argument('--eps', default=None, help="threat model radius, e.g. 8/255 (default: the tag's for its norm, "
+                                                    "else RobustBench's: CIFAR Linf 8/255, L2 0.5, L1 12; ImageNet "
+                                                    'Linf 4/255)')
     parser.add_argument('--norm', default=None, choices=('Linf', 'L2', 'L1'), help='default Linf or the tag\'s')
-    parser.add_argument('--step-size', default=None, help='PGD/CW step, in pixel units like --eps (default eps/10, '
-                                                          'i.e. 0.8/255 at 8/255)')
+    parser.add_argument('--step-size', default=None, help='PGD/CW step, in pixel units like --eps (default eps/10 '
+                                                          'from 20 steps on, i.e. 0.8/255 at 8/255; else 2 * eps / '
+                                                          'steps)')
     parser.add_argument('--n-examples', type=int, default=None,
                         help='first N test images (default: all; 5000 for ImageNet)')
     parser.add_argument('--data-dir', default='./data', help='dataset folder or archive (default: %(default)s)')
@@ -68,56 +69,50 @@ def format_table(data: dict) -> str:
     return '\n'.join(lines)
 
 
-def _check_out(out: Optional[str], *, overwrite: bool) -> None:
-    """Refuses an --out that cannot take the results: a directory, an existing file (unless overwrite), a bad folder."""
-    if out is None:
-        return
-    path = Path(out)
-    if path.is_dir():
-        raise ValueError(f'--out {out} is a directory; give the file to write, e.g. --out {path / "results.json"}.')
-    if path.exists() and not overwrite:
-        raise ValueError(f'{out} already exists; pass --overwrite or choose another --out.')
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f'Cannot create the folder of --out {out} ({e.strerror}); choose another --out.') from None
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from robust_resnets.attacks.spec import check_pixel_units, default_eps, parse_attacks
+    from robust_resnets.cli._output import check_out
     from robust_resnets.evaluation import evaluate
     from robust_resnets.evaluation.evaluate import check_seed
     from robust_resnets.evaluation.results import format_eps, parse_eps, result_to_dict, write_json
-    from robust_resnets.evaluation.sources import check_input_fits, load_dataset, load_model, model_notes, weights_entry
+    from robust_resnets.evaluation.sources import (check_input_fits, load_dataset, load_model, model_notes,
+                                                   resolve_model_name, weights_entry)
 
+    resolved = resolve_model_name(args.model, checkpoint=args.checkpoint, random_init=args.random_init)
+    if resolved != args.model:
+        print(f'robust-resnets eval: note: {args.model} resolves to its default tag, {resolved}', file=sys.stderr)
+        args.model = resolved
     entry = weights_entry(args.model)
     if args.dataset is None:
         args.dataset = entry.dataset if entry is not None else 'cifar10'
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    eps = parse_eps(args.eps) if args.eps is not None else (
-        entry.eps_value if entry is not None and entry.eps_value is not None else
-        (4 / 255 if args.dataset == 'imagenet' else 8 / 255))
     norm = args.norm or (entry.threat_model if entry is not None and entry.threat_model else 'Linf')
+    if args.eps is not None:
+        eps = parse_eps(args.eps)
+    elif entry is not None and entry.eps_value is not None and entry.threat_model == norm:
+        eps = entry.eps_value
+    else:
+        eps = default_eps(norm=norm, dataset=args.dataset)
     step_size = parse_eps(args.step_size) if args.step_size is not None else None
-    if norm == 'Linf' and eps > 1:
-        raise ValueError(f'--eps {args.eps} is larger than the whole [0, 1] pixel range; Linf radii are in pixel '
-                         f'units: did you mean --eps {args.eps}/255?')
-    if norm == 'Linf' and step_size is not None and step_size > 1:
-        raise ValueError(f'--step-size {args.step_size} is larger than the whole [0, 1] pixel range; Linf steps are '
-                         f'in pixel units: did you mean --step-size {args.step_size}/255?')
+    check_pixel_units(eps, norm=norm, name='--eps', text=args.eps)
+    if step_size is not None:
+        check_pixel_units(step_size, norm=norm, name='--step-size', text=args.step_size)
+    parse_attacks(args.attacks, eps=eps, norm=norm, step_size=step_size)  # bad names fail before any loading
     if norm == 'Linf' and step_size is not None and step_size > eps:
         # not refused: a step of 2.5 * eps / steps is in use; but 0.8 is how Huang et al.'s scripts spell 0.8/255
         hint = f' Steps are in pixel units like --eps: did you mean --step-size {args.step_size}/255?' \
             if '/' not in args.step_size else ''
         print(f'robust-resnets eval: warning: --step-size {args.step_size} is larger than eps ({format_eps(eps)}): '
-              f'each PGD/CW step is longer than the ball\'s radius (the default is eps/10).{hint}', file=sys.stderr)
+              f'each PGD/CW step is longer than the ball\'s radius (the default is eps/10 for 20 steps or '
+              f'more).{hint}', file=sys.stderr)
     check_seed(args.seed, name='--seed')  # before torch.manual_seed, which takes no larger seed
     if args.checkpoint is not None and args.random_init:
         raise ValueError('--checkpoint and --random-init exclude each other.')
     if args.key is not None and args.checkpoint is None:
         raise ValueError('--key names an entry of a --checkpoint file; pass --checkpoint FILE too, or drop --key.')
-    _check_out(args.out, overwrite=args.overwrite)
+    check_out(args.out, overwrite=args.overwrite)
 
     torch.manual_seed(args.seed)  # makes --random-init weights repeatable
     model = load_model(args.model, dataset=args.dataset, checkpoint=args.checkpoint, checkpoint_key=args.key,
@@ -132,10 +127,16 @@ def run(args: argparse.Namespace) -> int:
     state = args.state or (f'{args.out}.state.json' if args.out else None)
     if state and Path(state).exists():
         print(f'resuming from {state} (attacks finished there are not run again)', file=sys.stderr)
-    result = evaluate(model, images, labels, attacks=args.attacks, eps=eps, norm=norm, step_size=step_size,
-                      batch_size=args.batch_size, device=device, seed=args.seed, state_path=state,
-                      progress=not args.quiet, allow_train_mode=args.allow_train_mode,
-                      allow_randomized=args.allow_randomized, check_masking=not args.no_masking_check)
+    try:
+        result = evaluate(model, images, labels, attacks=args.attacks, eps=eps, norm=norm, step_size=step_size,
+                          batch_size=args.batch_size, device=device, seed=args.seed, state_path=state,
+                          progress=not args.quiet, allow_train_mode=args.allow_train_mode,
+                          allow_randomized=args.allow_randomized, check_masking=not args.no_masking_check)
+    except KeyboardInterrupt:
+        print(f'robust-resnets eval: progress saved in {state}; run the same command again to resume' if state else
+              'robust-resnets eval: nothing kept (a run with --out or --state resumes after an interruption)',
+              file=sys.stderr)
+        raise
     arch, _, tag = args.model.partition('.')
     data = result_to_dict(result, model=args.model, dataset=args.dataset, architecture=arch, tag=tag or None,
                           checkpoint=args.checkpoint, data_source=str(args.data_dir), preprocessing=preprocessing,

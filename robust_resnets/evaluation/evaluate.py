@@ -8,6 +8,7 @@ AutoAttack's, whose random draws follow its batches, as in AutoAttack itself).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,7 +18,7 @@ import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -243,6 +244,15 @@ class _State:
     def decode(text: str, device: torch.device) -> Tensor:
         return torch.tensor([c == '1' for c in text], dtype=torch.bool, device=device)
 
+    @contextlib.contextmanager
+    def saved_on_interrupt(self) -> Iterator[None]:
+        """Writes the progress of the last finished batch when the block is interrupted (Ctrl-C)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.save(force=True)
+            raise
+
     def save(self, force: bool = False) -> None:
         if self.path is None or (not force and time.monotonic() - self._last_save < self.min_interval):
             return
@@ -350,9 +360,11 @@ def evaluate(
         attacks: Attack names (a list, or one comma-separated string) or specs: 'clean', 'fgsm',
             'pgd20', 'cw40', 'pgd50r10', 'aa', 'aa-plus', 'aa-rand', 'aa:apgd-ce+square', ... (see
             :mod:`robust_resnets.attacks.spec`).
-        eps: Threat model radius (8/255 for CIFAR Linf, 4/255 for ImageNet Linf, 0.5 for CIFAR L2).
+        eps: Threat model radius, in [0, 1] pixel units (RobustBench's: 8/255 for CIFAR Linf, 4/255 for
+            ImageNet Linf, 0.5 for CIFAR L2, 12 for CIFAR L1; see :func:`robust_resnets.attacks.default_eps`).
         norm: 'Linf', 'L2' or 'L1' (L1: AutoAttack only).
-        step_size: Step of PGD/CW (default eps / 10: 0.8/255 at eps 8/255, as in Huang et al.).
+        step_size: Step of PGD/CW (default eps / 10 from 20 steps on: 0.8/255 at eps 8/255, as in Huang et
+            al.; 2 * eps / steps for fewer steps).
         batch_size: Examples per batch (default: the largest that fits on a GPU, 128 on a CPU). Results
             do not depend on it, except AutoAttack's.
         device: Where to run (default: where the model's parameters are). The model is moved there.
@@ -370,8 +382,8 @@ def evaluate(
         An :class:`EvaluationResult`.
 
     Raises:
-        ValueError: Bad images, labels, attack names or seed; a model in train mode or randomised (unless
-            allowed); a state file from another evaluation.
+        ValueError: Bad images, labels, attack names or seed; a Linf eps or step above 1; a model in train
+            mode or randomised (unless allowed); a state file from another evaluation.
     """
     t_start = time.perf_counter()
     seed = check_seed(seed)
@@ -404,72 +416,74 @@ def evaluate(
         raised.append(msg)
         warnings.warn(msg, GradientMaskingWarning, stacklevel=3)
 
-    # clean predictions: every attack starts from the examples classified correctly
-    clean_state = state.get('clean')
-    if clean_state.get('complete'):
-        clean_correct = _State.decode(clean_state['correct'], device)
-    else:
-        clean_correct = torch.zeros(n, dtype=torch.bool, device=device)
+    with state.saved_on_interrupt():
+        # clean predictions: every attack starts from the examples classified correctly
+        clean_state = state.get('clean')
+        if clean_state.get('complete'):
+            clean_correct = _State.decode(clean_state['correct'], device)
+        else:
+            clean_correct = torch.zeros(n, dtype=torch.bool, device=device)
 
-        def clean_batch(idx: Tensor) -> None:
-            with torch.inference_mode():
-                logits = model(_as_input(images[idx]))
-            if logits.dim() != 2 or labels[idx].max() >= logits.shape[1] or labels[idx].min() < 0:
-                raise ValueError(f'Labels must be class indices below the model\'s {logits.shape[-1]} outputs; '
-                                 f'got labels up to {labels.max().item()} (check the dataset and num_classes).')
-            clean_correct[idx] = logits.argmax(1) == labels[idx]
+            def clean_batch(idx: Tensor) -> None:
+                with torch.inference_mode():
+                    logits = model(_as_input(images[idx]))
+                if logits.dim() != 2 or labels[idx].max() >= logits.shape[1] or labels[idx].min() < 0:
+                    raise ValueError(f'Labels must be class indices below the model\'s {logits.shape[-1]} outputs; '
+                                     f'got labels up to {labels.max().item()} (check the dataset and num_classes).')
+                clean_correct[idx] = logits.argmax(1) == labels[idx]
 
-        runner.over(torch.arange(n, device=device), clean_batch, desc='clean')
-        clean_state.update(correct=_State.encode(clean_correct), complete=True)
-        state.save(force=True)
-    candidates = clean_correct.nonzero().squeeze(1)
+            runner.over(torch.arange(n, device=device), clean_batch, desc='clean')
+            clean_state.update(correct=_State.encode(clean_correct), complete=True)
+            state.save(force=True)
+        candidates = clean_correct.nonzero().squeeze(1)
 
-    results: Dict[str, AttackResult] = {}
-    for spec in specs:
-        entry = state.get(spec.name)
-        t0 = time.perf_counter() - float(entry.get('seconds', 0.0))
-        if spec.kind == 'clean':
-            results[spec.name] = AttackResult(spec, clean_correct.cpu(), seconds=0.0)
-            continue
-        correct = _State.decode(entry['correct'], device) if 'correct' in entry else clean_correct.clone()
-        components: Dict[str, float] = dict(entry.get('components', {}))
-        for msg in entry.get('warnings', ()):  # raised before an interruption: in the state file
-            warn(msg)
-        if not entry.get('complete'):
-            def save(pos: Optional[int] = None, force: bool = False) -> None:
-                entry.update(correct=_State.encode(correct), seconds=time.perf_counter() - t0, components=components)
-                if pos is not None:
-                    entry['done'] = pos
-                state.save(force=force)
+        results: Dict[str, AttackResult] = {}
+        for spec in specs:
+            entry = state.get(spec.name)
+            t0 = time.perf_counter() - float(entry.get('seconds', 0.0))
+            if spec.kind == 'clean':
+                results[spec.name] = AttackResult(spec, clean_correct.cpu(), seconds=0.0)
+                continue
+            correct = _State.decode(entry['correct'], device) if 'correct' in entry else clean_correct.clone()
+            components: Dict[str, float] = dict(entry.get('components', {}))
+            for msg in entry.get('warnings', ()):  # raised before an interruption: in the state file
+                warn(msg)
+            if not entry.get('complete'):
+                def save(pos: Optional[int] = None, force: bool = False) -> None:
+                    entry.update(correct=_State.encode(correct), seconds=time.perf_counter() - t0,
+                                 components=components)
+                    if pos is not None:
+                        entry['done'] = pos
+                    state.save(force=force)
 
-            if spec.kind == 'autoattack':
-                def aa_warning(msg: str, entry: Dict[str, Any] = entry) -> None:
-                    # once per kind: a resumed run repeats the zero-gradient check with another count
-                    if warning_kind(msg) not in {warning_kind(m) for m in entry.setdefault('warnings', [])}:
-                        entry['warnings'].append(msg)
-                        warn(msg)
+                if spec.kind == 'autoattack':
+                    def aa_warning(msg: str, entry: Dict[str, Any] = entry) -> None:
+                        # once per kind: a resumed run repeats the zero-gradient check with another count
+                        if warning_kind(msg) not in {warning_kind(m) for m in entry.setdefault('warnings', [])}:
+                            entry['warnings'].append(msg)
+                            warn(msg)
 
-                entry.setdefault('batch_size', runner.batch_size)  # its draws follow its batches: kept on resume
-                _run_autoattack(model, adversaries[spec.name], images, labels, spec, correct, components, runner, save,
-                                batch_size=int(entry['batch_size']), on_warning=aa_warning)
-            else:
-                _run_gradient_attack(model, images, labels, spec, correct, candidates, seed, runner, entry, save)
-            entry['complete'] = True
-            save(force=True)
-        results[spec.name] = AttackResult(spec, correct.cpu(), seconds=time.perf_counter() - t0,
-                                          components=components)
+                    entry.setdefault('batch_size', runner.batch_size)  # its draws follow its batches: kept on resume
+                    _run_autoattack(model, adversaries[spec.name], images, labels, spec, correct, components, runner,
+                                    save, batch_size=int(entry['batch_size']), on_warning=aa_warning)
+                else:
+                    _run_gradient_attack(model, images, labels, spec, correct, candidates, seed, runner, entry, save)
+                entry['complete'] = True
+                save(force=True)
+            results[spec.name] = AttackResult(spec, correct.cpu(), seconds=time.perf_counter() - t0,
+                                              components=components)
 
-    result = EvaluationResult(attacks=results, n_examples=n, eps=eps, norm=norm, seed=seed,
-                              batch_size=runner.batch_size, device=str(device))
-    if check_masking:
-        _check_masking(result, warn)
-        if any(s.needs_gradients for s in specs) and candidates.numel():
-            result.unbounded_accuracy = _unbounded_accuracy(model, images, labels, candidates, specs, seed, norm)
-            if result.unbounded_accuracy > 0:
-                warn(f'PGD with an eps covering the whole image box leaves {result.unbounded_accuracy:.1%} accuracy '
-                     f'(it should reach 0%): gradients may be masked or obfuscated, so the robust accuracy may be '
-                     f'overestimated.')
-    result.warnings = raised
+        result = EvaluationResult(attacks=results, n_examples=n, eps=eps, norm=norm, seed=seed,
+                                  batch_size=runner.batch_size, device=str(device))
+        if check_masking:
+            _check_masking(result, warn)
+            if any(s.needs_gradients for s in specs) and candidates.numel():
+                result.unbounded_accuracy = _unbounded_accuracy(model, images, labels, candidates, specs, seed, norm)
+                if result.unbounded_accuracy > 0:
+                    warn(f'PGD with an eps covering the whole image box leaves {result.unbounded_accuracy:.1%} '
+                         f'accuracy (it should reach 0%): gradients may be masked or obfuscated, so the robust '
+                         f'accuracy may be overestimated.')
+        result.warnings = raised
     result.seconds = time.perf_counter() - t_start
     return result
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import platform
-from fractions import Fraction
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -63,13 +63,21 @@ def full_test_set(*, dataset: str, n_examples: int, split: str = 'test',
 
 
 def parse_eps(text: Union[str, float]) -> float:
-    """'8/255' -> 0.0313..., '0.5' -> 0.5."""
+    """'8/255' -> 0.0313..., '0.8/255' -> 0.00313..., '0.5' -> 0.5.
+
+    Raises:
+        ValueError: Not a finite number or a fraction of two numbers.
+    """
     if isinstance(text, (int, float)):
         return float(text)
     try:
-        return float(Fraction(text.strip()))
+        top, _, bottom = text.strip().partition('/')
+        value = float(top) / (float(bottom) if bottom else 1.0)
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"Bad eps '{text}'; give a number or a fraction such as 8/255.") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"Bad eps '{text}'; give a number or a fraction such as 8/255.")
+    return value
 
 
 def format_eps(eps: float) -> str:
@@ -242,6 +250,11 @@ def read_results(path: Union[str, Path]) -> Dict[str, Any]:
     except ValueError as e:
         raise ValueError(f'{path} is not valid JSON ({e}).') from None
     if not isinstance(data, dict) or data.get('schema') != SCHEMA:
-        raise ValueError(f"{path} is not a robust-resnets results file (expected schema '{SCHEMA}'); write one "
-                         f"with `robust-resnets eval ... --out {path.name}`.")
+        data = data if isinstance(data, dict) else {}
+        given = (" (a training run's config.json)" if 'training' in data and 'architecture' in data else
+                 " (a timm model config)" if 'pretrained_cfg' in data else
+                 " (an evaluation's progress file)" if 'fingerprint' in data else
+                 f" (schema {data['schema']!r}, not {SCHEMA!r})" if 'schema' in data else '')
+        raise ValueError(f"{path} is not a robust-resnets results file{given}; pass a file written by "
+                         f"`robust-resnets eval MODEL ... --out RESULTS.json`.")
     return data

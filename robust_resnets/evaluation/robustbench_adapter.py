@@ -22,6 +22,8 @@ from typing import Any, Iterator, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..attacks.spec import DEFAULT_EPS, default_eps
+
 __all__ = ['install', 'benchmark', 'AutoAttack']
 
 _SHIM_FLAG = '__robust_resnets_shim__'
@@ -160,8 +162,8 @@ def benchmark(model: nn.Module, *, n_examples: int = 10000, dataset: str = 'cifa
     """Runs ``robustbench.eval.benchmark`` and returns its (clean accuracy, AutoAttack accuracy).
 
     Arguments are RobustBench's (``eps`` defaults to 8/255 for Linf CIFAR, 4/255 for Linf ImageNet,
-    0.5 for L2). CIFAR comes from ``data_dir`` through :func:`robust_resnets.data.load_cifar_tensors`, with
-    RobustBench's default preprocessing only.
+    0.5 for L2 and 12 for L1). CIFAR comes from ``data_dir`` through
+    :func:`robust_resnets.data.load_cifar_tensors`, with RobustBench's default preprocessing only.
 
     Raises:
         ImportError: robustbench is not installed.
@@ -173,8 +175,8 @@ def benchmark(model: nn.Module, *, n_examples: int = 10000, dataset: str = 'cifa
     install()
     import robustbench.eval as rb_eval
 
-    if eps is None:
-        eps = 0.5 if threat_model == 'L2' else (4 / 255 if dataset == 'imagenet' else 8 / 255)
+    if eps is None and threat_model in DEFAULT_EPS:  # RobustBench's corruptions take no radius
+        eps = default_eps(norm=threat_model, dataset=dataset)
     if isinstance(device, str):
         device = torch.device(device)
     with _local_cifar(rb_eval):

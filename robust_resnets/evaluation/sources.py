@@ -24,6 +24,24 @@ def weights_entry(name: str):
     return get_manifest().get(name)
 
 
+def resolve_model_name(name: str, *, checkpoint: Optional[str] = None, random_init: bool = False) -> str:
+    """The name to evaluate: an untagged architecture whose published weights are to be loaded becomes its
+    default tag, as ``timm.create_model(arch, pretrained=True)`` resolves it; any other name is kept.
+
+    Raises:
+        ValueError: The architecture has tags, but none for its plain arguments (name one).
+    """
+    if '.' in name or checkpoint is not None or random_init:
+        return name
+    from robust_resnets.weights.pretrained import default_entry
+
+    try:
+        entry = default_entry(name)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
+    return entry.name if entry is not None else name
+
+
 class PixelInputModel(nn.Module):
     """A timm model whose weights expect standardised inputs, made to take [0, 1] pixels like this package's models.
 
@@ -227,11 +245,31 @@ def _load_checkpoint(model: nn.Module, arch: str, path: Path, *, key: Optional[s
         filter_fn = None
     state_dict = filter_fn(raw, model) if filter_fn is not None else raw.get('state_dict', raw)
     mismatch = state_dict_mismatch(state_dict, model)
+    classes = _other_head_classes(state_dict, model) if mismatch else None
+    if classes is not None:
+        fits = [d for d, n in DATASETS.items() if n == classes]
+        fix = f'pass --dataset {fits[0]}' if fits else f'evaluate it in Python on a {classes}-class dataset'
+        raise RuntimeError(f'{path} has a {classes}-class head, but {arch} was built with {model.num_classes} classes '
+                           f'(the dataset\'s); {fix}.')
     if mismatch:
         raise RuntimeError(f'{path} does not fit {arch} as built here: {mismatch}. Check the model name, and its '
                            f'arguments: a training run\'s config.json or train_config.yaml beside the checkpoint '
                            f'gives them.')
     model.load_state_dict(state_dict)
+
+
+def _other_head_classes(state_dict: Dict[str, Tensor], model: nn.Module) -> Optional[int]:
+    """The class count of a checkpoint that fits ``model`` but for its classifier's class count, else None."""
+    head = getattr(model, 'pretrained_cfg', {}).get('classifier')
+    expected = model.state_dict()
+    weight = state_dict.get(f'{head}.weight')
+    if not head or weight is None or set(state_dict) != set(expected):
+        return None
+    if weight.shape[0] == expected[f'{head}.weight'].shape[0]:
+        return None
+    head_keys = {f'{head}.weight', f'{head}.bias'}
+    fits = all(tuple(v.shape) == tuple(expected[k].shape) for k, v in state_dict.items() if k not in head_keys)
+    return int(weight.shape[0]) if fits else None
 
 
 def check_input_fits(model: nn.Module, images: Tensor, *, name: str, dataset: str) -> None:

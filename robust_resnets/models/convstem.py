@@ -459,8 +459,9 @@ _FAMILY_CLASSES: Dict[str, Callable[..., nn.Module]] = {
     'vit': ConvStemVisionTransformer, 'convnext': ConvStemConvNeXt, 'convnext_iso': ConvNeXtIsotropic}
 
 
-def _create_convstem(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    kwargs = resolve_pretrained_kwargs(variant, pretrained, kwargs)
+def _create_convstem(variant: str, pretrained: bool = False, *, arch_args: Optional[Dict[str, Any]] = None,
+                     **kwargs: Any) -> nn.Module:
+    kwargs = resolve_pretrained_kwargs(variant, pretrained, kwargs, arch_args=arch_args)
     family = 'convnext_iso' if variant.startswith('convnext_iso') else variant.split('_')[0]
     model_cls = _FAMILY_CLASSES[family]
     depth = kwargs.get('depth', 18 if family == 'convnext_iso' else 12)
@@ -515,7 +516,7 @@ _VIT_STEM_8 = (48, 96, 192, 384)  # the authors' ConvBlock(48): widths 48 * (1, 
 def vit_small_convstem(pretrained: bool = False, **kwargs: Any) -> ConvStemVisionTransformer:
     """ViT-S/16-ConvStem (22.8M params): DeiT-S with the ConvStem; ImageNet mean/std standardisation inside."""
     args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, stem_widths=_VIT_STEM_8, input_norm=True)
-    return _create_convstem('vit_small_convstem', pretrained, **dict(args, **kwargs))
+    return _create_convstem('vit_small_convstem', pretrained, arch_args=args, **kwargs)
 
 
 @register_model
@@ -523,46 +524,46 @@ def vit_medium_convstem(pretrained: bool = False, **kwargs: Any) -> ConvStemVisi
     """ViT-M/16-ConvStem (39.5M params): DeiT-III Medium (layer scale 1e-6, no class-token position embedding)."""
     args = dict(patch_size=16, embed_dim=512, depth=12, num_heads=8, no_embed_class=True, init_values=1e-6,
                 stem_widths=_VIT_STEM_8)
-    return _create_convstem('vit_medium_convstem', pretrained, **dict(args, **kwargs))
+    return _create_convstem('vit_medium_convstem', pretrained, arch_args=args, **kwargs)
 
 
 @register_model
 def vit_base_convstem(pretrained: bool = False, **kwargs: Any) -> ConvStemVisionTransformer:
     """ViT-B/16-ConvStem (87.1M params): ViT-B/16 with the ConvStem; takes [0, 1] pixels as they are."""
     args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, stem_widths=_VIT_STEM_8)
-    return _create_convstem('vit_base_convstem', pretrained, **dict(args, **kwargs))
+    return _create_convstem('vit_base_convstem', pretrained, arch_args=args, **kwargs)
 
 
 @register_model
 def convnext_iso_convstem(pretrained: bool = False, **kwargs: Any) -> ConvNeXtIsotropic:
     """ConvNeXt-iso-ConvStem (23.0M params): isotropic ConvNeXt-S (18 x 384, no layer scale) with the ViT-S stem."""
     args = dict(dim=384, depth=18, stem_widths=_VIT_STEM_8)
-    return _create_convstem('convnext_iso_convstem', pretrained, **dict(args, **kwargs))
+    return _create_convstem('convnext_iso_convstem', pretrained, arch_args=args, **kwargs)
 
 
 @register_model
 def convnext_tiny_convstem(pretrained: bool = False, **kwargs: Any) -> ConvStemConvNeXt:
     """ConvNeXt-T-ConvStem (28.6M params): stem 48-96."""
     args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), stem_widths=(48, 96), stem_strides=(2, 2))
-    return _create_convstem('convnext_tiny_convstem', pretrained, **dict(args, **kwargs))
+    return _create_convstem('convnext_tiny_convstem', pretrained, arch_args=args, **kwargs)
 
 
 @register_model
 def convnext_small_convstem(pretrained: bool = False, **kwargs: Any) -> ConvStemConvNeXt:
     """ConvNeXt-S-ConvStem (50.3M params): stem 48-96."""
     args = dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), stem_widths=(48, 96), stem_strides=(2, 2))
-    return _create_convstem('convnext_small_convstem', pretrained, **dict(args, **kwargs))
+    return _create_convstem('convnext_small_convstem', pretrained, arch_args=args, **kwargs)
 
 
 @register_model
 def convnext_base_convstem(pretrained: bool = False, **kwargs: Any) -> ConvStemConvNeXt:
     """ConvNeXt-B-ConvStem (88.8M params): stem 64-96-128 (strides 2, 2, 1)."""
     args = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), stem_widths=(64, 96, 128), stem_strides=(2, 2, 1))
-    return _create_convstem('convnext_base_convstem', pretrained, **dict(args, **kwargs))
+    return _create_convstem('convnext_base_convstem', pretrained, arch_args=args, **kwargs)
 
 
 @register_model
 def convnext_large_convstem(pretrained: bool = False, **kwargs: Any) -> ConvStemConvNeXt:
     """ConvNeXt-L-ConvStem (198.1M params): stem 96-144-192 (strides 2, 2, 1)."""
     args = dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), stem_widths=(96, 144, 192), stem_strides=(2, 2, 1))
-    return _create_convstem('convnext_large_convstem', pretrained, **dict(args, **kwargs))
+    return _create_convstem('convnext_large_convstem', pretrained, arch_args=args, **kwargs)

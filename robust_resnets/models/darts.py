@@ -582,8 +582,9 @@ def feature_cfg(kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     return dict(feature_cls='hook', no_rewrite=True, out_indices=tuple(range(n_taps)))
 
 
-def _create_darts(variant: str, pretrained: bool = False, **kwargs: Any) -> DartsNetwork:
-    kwargs = resolve_pretrained_kwargs(variant, pretrained, kwargs)
+def _create_darts(variant: str, pretrained: bool = False, *, arch_args: Optional[Dict[str, Any]] = None,
+                  **kwargs: Any) -> DartsNetwork:
+    kwargs = resolve_pretrained_kwargs(variant, pretrained, kwargs, arch_args=arch_args)
     return build_model_with_cfg(
         DartsNetwork, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -623,10 +624,10 @@ DARTS_CONFIGS: Dict[str, Dict[str, Any]] = {
 @register_model
 def advrush(pretrained: bool = False, **kwargs: Any) -> DartsNetwork:
     """AdvRush (Mok et al. 2021), C=96, 23 cells (32.6M params, 4.97G MACs)."""
-    return _create_darts('advrush', pretrained, **dict(DARTS_CONFIGS['advrush'], **kwargs))
+    return _create_darts('advrush', pretrained, arch_args=DARTS_CONFIGS['advrush'], **kwargs)
 
 
 @register_model
 def racl(pretrained: bool = False, **kwargs: Any) -> DartsNetwork:
     """RACL (Dong et al. 2020), C=104, 23 cells (32.5M params, 4.93G MACs)."""
-    return _create_darts('racl', pretrained, **dict(DARTS_CONFIGS['racl'], **kwargs))
+    return _create_darts('racl', pretrained, arch_args=DARTS_CONFIGS['racl'], **kwargs)

@@ -570,8 +570,9 @@ def checkpoint_filter_fn(
 
 
 # --- creation ----------------------------------------------------------------------------------------
-def _create_preact_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> PreActResNet:
-    kwargs = resolve_pretrained_kwargs(variant, pretrained, kwargs)
+def _create_preact_resnet(variant: str, pretrained: bool = False, *, arch_args: Optional[Dict[str, Any]] = None,
+                          **kwargs: Any) -> PreActResNet:
+    kwargs = resolve_pretrained_kwargs(variant, pretrained, kwargs, arch_args=arch_args)
     return build_model_with_cfg(
         PreActResNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -638,17 +639,17 @@ def preact_resnet(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
 
 def _robust_resnet(name: str, pretrained: bool, **kwargs: Any) -> PreActResNet:
     args = dict(**{**ROBUST_SCALING_CONFIGS, **COMPACT_SCALING_CONFIGS}[name[-2:]], **ROBUST_RES_BLOCK_ARGS)
-    return _create_preact_resnet(name, pretrained, **dict(args, **kwargs))
+    return _create_preact_resnet(name, pretrained, arch_args=args, **kwargs)
 
 
 def _wrn_a(name: str, pretrained: bool, **kwargs: Any) -> PreActResNet:
     args = dict(**ROBUST_SCALING_CONFIGS[name[-2:]], block_types='basic')
-    return _create_preact_resnet(name, pretrained, **dict(args, **kwargs))
+    return _create_preact_resnet(name, pretrained, arch_args=args, **kwargs)
 
 
 def _wrn(name: str, depth: int, width: int, pretrained: bool, **kwargs: Any) -> PreActResNet:
     args = dict(depths=_wrn_depths(depth), widths=(width,) * 3, block_types='basic')
-    return _create_preact_resnet(name, pretrained, **dict(args, **kwargs))
+    return _create_preact_resnet(name, pretrained, arch_args=args, **kwargs)
 
 
 @register_model
@@ -747,7 +748,7 @@ def wrn_70_16(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
 def wrn_34_r(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """WRN-34-R of Huang et al. 2021 (68.1M params, 19.1G MACs): depths (5, 5, 5), channels (320, 640, 512)."""
     args = dict(depths=(5, 5, 5), channels=(320, 640, 512), block_types='basic')
-    return _create_preact_resnet('wrn_34_r', pretrained, **dict(args, **kwargs))
+    return _create_preact_resnet('wrn_34_r', pretrained, arch_args=args, **kwargs)
 
 
 @register_model
@@ -756,7 +757,7 @@ def wrn_28_10_swish(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     inside; pass ``input_mean``/``input_std`` for CIFAR-100 checkpoints)."""
     args = dict(depths=_wrn_depths(28), widths=(10, 10, 10), block_types='basic', activations='SiLU',
                 padding='same', input_mean=CIFAR10_MEAN, input_std=CIFAR10_STD)
-    return _create_preact_resnet('wrn_28_10_swish', pretrained, **dict(args, **kwargs))
+    return _create_preact_resnet('wrn_28_10_swish', pretrained, arch_args=args, **kwargs)
 
 
 @register_model
@@ -764,4 +765,4 @@ def wrn_70_16_swish(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Swish WRN-70-16 of Pang et al. 2022 (SCORE) in RobustBench's DMWideResNet layout."""
     args = dict(depths=_wrn_depths(70), widths=(16, 16, 16), block_types='basic', activations='SiLU',
                 padding='same', input_mean=CIFAR10_MEAN, input_std=CIFAR10_STD)
-    return _create_preact_resnet('wrn_70_16_swish', pretrained, **dict(args, **kwargs))
+    return _create_preact_resnet('wrn_70_16_swish', pretrained, arch_args=args, **kwargs)

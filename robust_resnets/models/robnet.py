@@ -228,8 +228,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RobNet,
 
 
 # --- creation ----------------------------------------------------------------------------------------
-def _create_robnet(variant: str, pretrained: bool = False, **kwargs: Any) -> RobNet:
-    kwargs = resolve_pretrained_kwargs(variant, pretrained, kwargs)
+def _create_robnet(variant: str, pretrained: bool = False, *, arch_args: Optional[Dict[str, Any]] = None,
+                   **kwargs: Any) -> RobNet:
+    kwargs = resolve_pretrained_kwargs(variant, pretrained, kwargs, arch_args=arch_args)
     return build_model_with_cfg(
         RobNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -264,7 +265,7 @@ ROBNET_CONFIGS: Dict[str, Dict[str, Any]] = {
 
 
 def _robnet(variant: str, pretrained: bool, **kwargs: Any) -> RobNet:
-    return _create_robnet(variant, pretrained, **dict(ROBNET_CONFIGS[variant], **kwargs))
+    return _create_robnet(variant, pretrained, arch_args=ROBNET_CONFIGS[variant], **kwargs)
 
 
 @register_model

@@ -150,8 +150,9 @@ class AttackConfig:
             point; Singh et al. 2023's ImageNet training with 2 steps). APGD sets its own step sizes and
             has no random start: it needs ``random_start: false`` and ignores ``step_size``/``init_std``.
         norm: 'Linf' or 'L2'.
-        eps: Radius of the ball, in [0, 1] pixel units.
-        step_size: PGD step size.
+        eps: Radius of the ball, in [0, 1] pixel units: a number or a fraction such as 8/255 (a Linf radius
+            above 1 is refused).
+        step_size: PGD step size, in the units of ``eps``.
         steps: Attack steps.
         random_start: Start PGD from a random point near the clean image.
         init_std: Std of a Gaussian random start (0.001 in TRADES' code, the step size in the authors'
@@ -250,7 +251,8 @@ class EvalConfig:
         max_examples: Evaluate at most this many examples (None: all).
         batch_size: Global evaluation batch size.
         pgd_steps: Steps of the PGD evaluation (0 skips it).
-        pgd_step_size: Its step size; eps and norm are the training attack's.
+        pgd_step_size: Its step size, in the units of ``attack.eps`` (e.g. 2/255); eps and norm are the
+            training attack's.
         every: Evaluate every this many epochs (and always after the last).
     """
 
@@ -338,6 +340,8 @@ _NON_NEGATIVE = ('data.holdout', 'data.crop_padding', 'data.rotation', 'data.wor
                  'schedule.warmup_epochs', 'ema.warmup_epochs', 'eval.pgd_steps', 'eval.pgd_step_size')
 _POSITIVE = ('optim.lr', 'run.epochs', 'run.batch_size', 'eval.batch_size', 'eval.every', 'run.log_every',
              'data.image_size')
+#: Radii and steps in pixel units: fractions such as 8/255 are read as numbers, and a Linf one above 1 is refused.
+_RADII = ('attack.eps', 'attack.step_size', 'eval.pgd_step_size')
 _PROBABILITIES = ('data.random_erasing', 'data.mixup_prob', 'data.mixup_switch_prob', 'schedule.warmup_start',
                   'objective.label_smoothing')
 #: Objectives whose losses accept the soft targets of mixup/CutMix (cross-entropy based).
@@ -411,6 +415,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
     if tp is float:
+        if key in _RADII and isinstance(value, str):
+            value = _fraction(value, key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"'{key}' must be a number, got {value!r}.")
@@ -419,6 +425,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"'{key}' must be a string, got {value!r}.")
     raise ConfigError(f"'{key}' has an unsupported type {tp}.")
+
+
+def _fraction(text: str, key: str) -> float:
+    """A radius written as a fraction ('8/255') or a number, as ``robust-resnets eval --eps`` takes it."""
+    from robust_resnets.evaluation.results import parse_eps  # here: the evaluation package loads torch
+
+    try:
+        return parse_eps(text)
+    except ValueError:
+        raise ConfigError(f"'{key}' must be a number or a fraction such as 8/255, got {text!r}.") from None
 
 
 def _unknown_key(key: str, valid: Sequence[str]) -> ConfigError:
@@ -460,6 +476,12 @@ def _validate(cfg: TrainConfig) -> None:
     for key in _POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"'{key}' must be > 0, got {flat[key]}.")
+    from robust_resnets.attacks.spec import check_pixel_units
+    for key in _RADII:
+        try:
+            check_pixel_units(flat[key], norm=cfg.attack.norm, name=key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     for key in ('run.amp', 'run.channels_last'):
         if flat[key] not in (True, False, 'auto'):
             raise ConfigError(f"'{key}' must be true, false or 'auto', got {flat[key]!r}.")
@@ -677,9 +699,19 @@ def _load_yaml_tree(path: Path, seen: tuple = ()) -> Dict[str, Any]:
 def load_config(path: Union[str, Path], *, overrides: Sequence[str] = ()) -> TrainConfig:
     """Loads a YAML recipe (a path or a shipped recipe name), applies ``key=value`` overrides, validates it.
 
+    The recipe's ``description`` names the overrides that change what it trains (all but
+    :data:`RUN_CONTROL_KEYS`), e.g. 'Quick PGD-AT WRN-16-4, CIFAR-10 (with overrides model.name=resnet18)',
+    so that a run of another model does not pass for the recipe; an override of ``description`` itself
+    is taken as it is.
+
     Raises:
         FileNotFoundError: The file (or a ``base:`` it names) does not exist.
         ConfigError: An unknown key, a wrong type or an invalid value.
     """
     values = _load_yaml_tree(resolve_config_path(path))
-    return config_from_dict(apply_overrides(values, overrides))
+    cfg = config_from_dict(apply_overrides(values, overrides))
+    parsed = [(item.strip(), _parse_override(item)[0]) for item in overrides]
+    changes = [item for item, key in parsed if key not in RUN_CONTROL_KEYS]
+    if changes and 'description' not in (key for _, key in parsed):
+        cfg.description = f"{cfg.description} (with overrides {', '.join(changes)})".lstrip()
+    return cfg

@@ -58,14 +58,18 @@ def load_original_checkpoint(path: os.PathLike, *, key: Optional[str] = None) ->
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: The file is incomplete, corrupt or not a checkpoint, the pickle holds objects other than
-            tensors and plain containers, it has no dict under ``key``, or (``key`` None) its tensors sit under
-            entries other than the usual wrappers, so ``key`` has to name one.
+        ValueError: The file is incomplete, corrupt or not a checkpoint, a ``key`` is given for a safetensors
+            file, the pickle holds objects other than tensors and plain containers, it has no dict under
+            ``key``, or (``key`` None) its tensors sit under entries other than the usual wrappers, so ``key``
+            has to name one.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'Checkpoint {path} does not exist.')
     safetensors = path.suffix == '.safetensors'
+    if safetensors and key is not None:
+        raise ValueError(f'{path} is a safetensors file: a flat state dict without entries, so there is no {key!r} '
+                         f'in it to pick; drop --key (key=).')
     try:
         if safetensors:
             from safetensors.torch import load_file

@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from .manifest import PretrainedWeights, entries_for_architecture, get_manifest
 
-__all__ = ['resolve_pretrained_kwargs', 'check_weights_file']
+__all__ = ['resolve_pretrained_kwargs', 'check_weights_file', 'default_entry']
 
 #: Overlay keys that name a weight source of the caller's own, in the order timm prefers them.
 _OWN_SOURCES = ('state_dict', 'file', 'hf_hub_id', 'url')
@@ -54,7 +54,8 @@ def _not_published_message(weights: PretrainedWeights) -> str:
         f"  The original checkpoint ({orig['layout']} layout; {orig['file']}) is at:\n    {where}\n"
         f"  Download it, then convert it with:\n    {weights.convert_command()}\n"
         f"  and load the result with timm.create_model('{weights.name}', pretrained=True, "
-        f"pretrained_cfg_overlay=dict(file='./{weights.name}/model.safetensors')).")
+        f"pretrained_cfg_overlay=dict(file='./{weights.name}/model.safetensors')).\n"
+        f"  To evaluate the original as it is: robust-resnets eval {weights.name} --checkpoint ORIGINAL")
 
 
 def check_weights_file(path: Path, weights: PretrainedWeights) -> None:
@@ -107,7 +108,7 @@ def check_weights_file(path: Path, weights: PretrainedWeights) -> None:
                          f'count, pass num_classes=N to create_model instead.')
 
 
-def _default_entry(variant: str) -> Optional[PretrainedWeights]:
+def default_entry(variant: str) -> Optional[PretrainedWeights]:
     """The tag an untagged ``pretrained=True`` resolves to: the first entry that fits the plain architecture."""
     entries = entries_for_architecture(variant)
     plain = [w for w in entries if not w.model_args]
@@ -131,24 +132,29 @@ def _timm_reaches_the_hub() -> bool:
     return getattr(_hub, '_has_hf_hub', True)
 
 
-def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any], *,
+                              arch_args: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Returns the ``build_model_with_cfg`` kwargs for ``variant`` with the manifest's weights resolved.
+
+    A tag builds the architecture its checkpoint was trained with: its ``model_args`` override the entry
+    point's ``arch_args``, and a caller's argument that contradicts them is refused.
 
     Args:
         variant: Architecture name (no tag).
         pretrained: Whether weights are requested.
-        kwargs: The entry point's kwargs, including timm's ``pretrained_cfg`` (a tag, a dict or None),
+        kwargs: The caller's kwargs, including timm's ``pretrained_cfg`` (a tag, a dict or None),
             ``pretrained_cfg_overlay`` and ``cache_dir``.
+        arch_args: The entry point's architecture arguments (the caller's kwargs override them).
 
     Raises:
         RuntimeError: The weights are not published, not cached while offline, failed to download, or
             (shipped in the package) missing from this installation; or an overlay names an ``hf_hub_id``
             that this timm cannot download (its Hub support is off).
         ChecksumError: The file differs from the manifest (never loaded; a Hub download is also deleted).
-        ValueError: A local file does not fit the architecture.
+        ValueError: A local file does not fit the architecture, or a caller's argument contradicts the tag's.
         TypeError: ``cache_dir`` was given for weights that this timm (one without ``cache_dir``) downloads itself.
     """
-    kwargs = _resolve(variant, pretrained, dict(kwargs))
+    kwargs = _resolve(variant, pretrained, dict(kwargs), dict(arch_args or {}))
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
     if pretrained and _own_source(overlay) == 'hf_hub_id' and not _timm_reaches_the_hub():
         import huggingface_hub
@@ -156,8 +162,8 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
 
         raise RuntimeError(f'timm {timm.__version__} cannot use huggingface_hub {huggingface_hub.__version__}, so it '
                            f"cannot fetch hf_hub_id={overlay['hf_hub_id']!r}; download the file and pass "
-                           "pretrained_cfg_overlay=dict(file=huggingface_hub.hf_hub_download(repo_id, 'model.safetensors'))"
-                           ' instead, or upgrade timm.')
+                           'pretrained_cfg_overlay=dict(file=huggingface_hub.hf_hub_download(repo_id, '
+                           "'model.safetensors')) instead, or upgrade timm.")
     if 'cache_dir' not in kwargs or _timm_takes_cache_dir():
         return kwargs
     cache_dir = kwargs.pop('cache_dir')
@@ -171,8 +177,28 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
     return kwargs
 
 
-def _resolve(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two argument values are equal as JSON would write them (a tuple equals its list)."""
+    try:
+        return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+    except (TypeError, ValueError):
+        return a == b
+
+
+def _check_caller_args(weights: PretrainedWeights, tag_args: Mapping[str, Any], caller: Mapping[str, Any]) -> None:
+    """Refuses a caller's argument that contradicts the architecture a tag was trained with."""
+    clash = {k: caller[k] for k, v in tag_args.items() if k in caller and not _same_value(caller[k], v)}
+    if clash:
+        theirs = ', '.join(f'{k}={tag_args[k]!r}' for k in clash)
+        yours = ', '.join(f'{k}={v!r}' for k, v in clash.items())
+        raise ValueError(f"'{weights.name}' builds the architecture its checkpoint was trained with ({theirs}), "
+                         f'which contradicts your {yours}. Drop the argument, or create '
+                         f"'{weights.architecture}' without a tag to build your own variant.")
+
+
+def _resolve(variant: str, pretrained: bool, caller: Dict[str, Any], arch_args: Dict[str, Any]) -> Dict[str, Any]:
     """``resolve_pretrained_kwargs`` for a timm that takes ``cache_dir``."""
+    kwargs = {**arch_args, **caller}
     cfg_arg = kwargs.get('pretrained_cfg')
     if cfg_arg is not None and not isinstance(cfg_arg, str):
         source = cfg_arg.get('source') if isinstance(cfg_arg, Mapping) else getattr(cfg_arg, 'source', None)
@@ -184,7 +210,7 @@ def _resolve(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str
             return kwargs
         if _own_source(kwargs.get('pretrained_cfg_overlay') or {}):
             return kwargs  # the caller's own weights (a training run's export, a fine-tune): no manifest entry
-        weights = _default_entry(variant)
+        weights = default_entry(variant)
         if weights is None:
             return kwargs
         if cfg_arg is None:
@@ -198,14 +224,14 @@ def _resolve(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str
         if not is_registered(weights.name):  # from a folder named in the environment after the import
             register_manifest()
 
-    # the checkpoint's arguments override the entry point's defaults (which arrive here merged with the
-    # caller's kwargs, so the two cannot be told apart): a tag always builds the architecture it was trained with
+    # a tag always builds the architecture it was trained with: its arguments override the entry point's
     args = dict(weights.model_args)
     if kwargs.get('in_chans', weights.input_size[0]) != weights.input_size[0]:
         # the checkpoint's per-channel input statistics cannot fit another channel count: the caller's apply
         for k in ('input_mean', 'input_std'):
-            if k in kwargs:
+            if k in caller:
                 args.pop(k, None)
+    _check_caller_args(weights, args, caller)
     kwargs.update(args)
     if not pretrained:
         return kwargs
