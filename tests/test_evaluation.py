@@ -514,6 +514,12 @@ def test_robustbench_benchmark_runs_through_the_adapter(tmp_path, monkeypatch):
     import sys
 
     assert sys.modules['autoattack'].AutoAttack.__module__ == 'robust_resnets.evaluation.robustbench_adapter'
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    # RobustBench's own enums get the same default radius
+    again = benchmark(model, n_examples=10, dataset=BenchmarkDataset.cifar_10, threat_model=ThreatModel.Linf,
+                      data_dir=tmp_path / 'cifar', device='cpu', batch_size=10)
+    assert again == (clean, robust)
 
 
 def test_robustbench_entries_name_published_weights_of_their_dataset_and_threat_model():
@@ -603,6 +609,41 @@ def test_autoattack_keeps_its_batch_size_on_resume(tmp_path):
     state.write_text(json.dumps(old))
     with pytest.raises(ValueError, match=r'another version of robust-resnets \(state version 3, expected 4\)'):
         evaluate(model, x, y, attacks='clean,aa:apgd-ce', batch_size=4, state_path=state, **kw)
+
+
+def test_autoattack_interrupted_within_an_attack_resumes_with_its_next_batch(tmp_path):
+    """Ctrl-C between AutoAttack's batches, then a resume: the batches (and so the random draws) are those of
+    the straight run, each example attacked once per attack, and the result is the straight run's."""
+    model, x, y = _linear_setup(12)
+    kw = dict(attacks='clean,aa:apgd-ce+apgd-t', eps=2 / 255, batch_size=2, progress=False, check_masking=False)
+    evaluate_mod = importlib.import_module('robust_resnets.evaluation.evaluate')
+    real = evaluate_mod.iter_autoattack
+
+    def recording(batches, stop_after=None):
+        def run(*args, **kwargs):
+            for item in real(*args, **kwargs):
+                if stop_after is not None and len(batches) == stop_after:
+                    raise KeyboardInterrupt
+                batches.append((item[0], item[1].tolist()))
+                yield item
+        return run
+
+    straight_batches = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate_mod, 'iter_autoattack', recording(straight_batches))
+        straight = evaluate(model, x, y, **kw)
+    assert {a for a, _ in straight_batches} == {'apgd-ce', 'apgd-t'}
+    for stop in (1, 2, len(straight_batches) - 2):
+        state, batches = tmp_path / f'state{stop}.json', []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(evaluate_mod, 'iter_autoattack', recording(batches, stop_after=stop))
+            with pytest.raises(KeyboardInterrupt):
+                evaluate(model, x, y, state_path=state, **kw)
+            mp.setattr(evaluate_mod, 'iter_autoattack', recording(batches))
+            resumed = evaluate(model, x, y, state_path=state, **kw)
+        assert batches == straight_batches, stop
+        assert torch.equal(resumed.attacks['aa:apgd-ce+apgd-t'].correct, straight.attacks['aa:apgd-ce+apgd-t'].correct)
+        assert resumed.attacks['aa:apgd-ce+apgd-t'].components == straight.attacks['aa:apgd-ce+apgd-t'].components
 
 
 def test_example_seeds_stay_in_int64_for_any_seed():

@@ -261,6 +261,29 @@ def test_an_argument_contradicting_the_tag_is_refused(hub_env):
         == [2, 1, 1]
 
 
+def test_the_tags_architecture_is_compared_by_meaning():
+    """Arguments equal in meaning to the tag's (its model_args and its entry point's) are accepted; another
+    value of either is refused, with the untagged name as the way out."""
+    import numpy as np
+    import torch.nn as nn
+
+    from robust_resnets.weights import get_manifest
+
+    name = 'robust_resnet_a1.cifar10_trades_extra500k'
+    mean = get_manifest()[name].model_args['input_mean']
+    with torch.device('meta'):
+        for same in (dict(activations='silu'), dict(activations=nn.SiLU), dict(activations=['SiLU'] * 3),
+                     dict(input_mean=torch.tensor(mean, device='cpu')), dict(input_mean=np.array(mean)),
+                     dict(depths=[14, 14, 7], widths=(5, 7, 3))):
+            timm.create_model(name, **same)
+        for other in (dict(activations='ReLU'), dict(input_mean=np.array(mean) + 0.01), dict(widths=(4, 7, 3))):
+            with pytest.raises(ValueError, match="contradicts your .*'robust_resnet_a1' without a tag"):
+                timm.create_model(name, **other)
+        with pytest.raises(ValueError, match=r'\(widths=\(10, 10, 10\)\), which contradicts your widths=\(4, 4, 4\)'):
+            timm.create_model('wrn_28_10.cifar10_trades', widths=(4, 4, 4))  # the entry point's, not model_args
+        assert timm.create_model('wrn_28_10', widths=(4, 4, 4)).num_features == 4 * 64
+
+
 def test_pinned_revision_survives_a_later_upload(hub_env, monkeypatch, tiny_weights, tmp_path):
     """An entry pinned to its upload's commit loads that file after main moved to a new upload."""
     cache, data, sha = hub_env

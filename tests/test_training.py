@@ -114,7 +114,7 @@ def test_radii_take_fractions_and_a_linf_radius_above_one_is_refused(tmp_path):
         .attack.eps == 3.0
 
 
-def test_overrides_are_recorded_in_the_description():
+def test_overrides_are_recorded_in_the_description(tmp_path):
     recipe = load_config('quick_cifar10').description
     assert recipe == 'Quick PGD-AT WRN-16-4, CIFAR-10'
     cfg = load_config('quick_cifar10', overrides=['model.name=robust_resnet_a0', 'model.kwargs={}',
@@ -124,6 +124,13 @@ def test_overrides_are_recorded_in_the_description():
     assert load_config('quick_cifar10', overrides=['data.root=/data', 'run.progress=false']).description == recipe
     assert load_config('quick_cifar10', overrides=['model.name=robust_resnet_a0', 'model.kwargs={}',
                                                    'description=A0 quick']).description == 'A0 quick'
+    # an override that changes no value is not listed: the recipe's own eps, or a resumed run's saved config
+    eps = load_config('quick_cifar10').attack.eps
+    assert load_config('quick_cifar10', overrides=[f'attack.eps={eps!r}']).description == recipe
+    saved = tmp_path / 'train_config.yaml'
+    saved.write_text(yaml.safe_dump(config_mod.config_to_dict(cfg)))
+    again = load_config(str(saved), overrides=['model.name=robust_resnet_a0', 'model.kwargs={}'])
+    assert again.description == cfg.description
 
 
 def test_shipped_recipes_load_and_match_the_papers():

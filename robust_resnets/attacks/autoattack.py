@@ -138,6 +138,8 @@ def iter_autoattack(
         *,
         batch_size: int,
         skip: Sequence[str] = (),
+        resume: Optional[Tuple[Tensor, int]] = None,
+        on_start: Optional[Callable[[str, Tensor], None]] = None,
         on_warning: Optional[Callable[[str], None]] = None,
 ) -> Iterator[Tuple[str, Tensor, Tensor]]:
     """Runs the adversary's attacks in order on the examples flagged ``robust``, one batch at a time.
@@ -158,6 +160,10 @@ def iter_autoattack(
         robust: Boolean flags, N, on the device of ``images``: the examples still to attack.
         batch_size: Examples per batch.
         skip: Attacks already completed (from a resumed state).
+        resume: For the first attack not skipped, the examples it started on and how many of them its finished
+            batches covered (from a resumed state): it goes on with the next batch, so that its batches, and
+            with them its random draws, are those of an uninterrupted run.
+        on_start: Called with ``(attack, indices)`` when an attack starts on those examples (not when resumed).
         on_warning: Called with each of pyautoattack's warnings, once per kind, before the batch that raised
             it is yielded (default: ``warnings.warn`` with a ``UserWarning``).
     """
@@ -183,9 +189,14 @@ def iter_autoattack(
         for attack in attacks:
             if attack in skip:
                 continue
-            todo = robust.nonzero().squeeze(1)
+            if resume is not None:
+                (todo, first), resume = resume, None
+            else:
+                todo, first = robust.nonzero().squeeze(1), 0
+                if on_start is not None:
+                    on_start(attack, todo)
             adversary.attacks_to_run = [attack]
-            for start in range(0, todo.numel(), batch_size):
+            for start in range(first, todo.numel(), batch_size):
                 idx = todo[start:start + batch_size]
                 x, y = images[idx].to(adversary.device), labels[idx].to(adversary.device)
                 x = x if x.is_floating_point() else x.float() / 255

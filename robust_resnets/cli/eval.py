@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
                           progress=not args.quiet, allow_train_mode=args.allow_train_mode,
                           allow_randomized=args.allow_randomized, check_masking=not args.no_masking_check)
     except KeyboardInterrupt:
-        print(f'robust-resnets eval: progress saved in {state}; run the same command again to resume' if state else
+        print(f'robust-resnets eval: progress saved in {state}; run the same command again to resume'
+              if state and Path(state).exists() else
               'robust-resnets eval: nothing kept (a run with --out or --state resumes after an interruption)',
               file=sys.stderr)
         raise

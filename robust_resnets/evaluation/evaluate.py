@@ -465,7 +465,7 @@ def evaluate(
 
                     entry.setdefault('batch_size', runner.batch_size)  # its draws follow its batches: kept on resume
                     _run_autoattack(model, adversaries[spec.name], images, labels, spec, correct, components, runner,
-                                    save, batch_size=int(entry['batch_size']), on_warning=aa_warning)
+                                    save, entry, batch_size=int(entry['batch_size']), on_warning=aa_warning)
                 else:
                     _run_gradient_attack(model, images, labels, spec, correct, candidates, seed, runner, entry, save)
                 entry['complete'] = True
@@ -526,19 +526,34 @@ def _with_autoattack_settings(spec: AttackSpec, adversary) -> AttackSpec:
 
 
 def _run_autoattack(model, adversary, images, labels, spec: AttackSpec, correct: Tensor, components: Dict[str, float],
-                    runner: _Runner, save, *, batch_size: int, on_warning: Callable[[str], None]) -> None:
+                    runner: _Runner, save, entry: Dict[str, Any], *, batch_size: int,
+                    on_warning: Callable[[str], None]) -> None:
+    """Runs AutoAttack's attacks by batches; ``entry`` records the examples the current attack started on
+    ('todo') and how many of them are done, so that a resume goes on with its next batch."""
     from tqdm.auto import tqdm
 
     n = images.shape[0]
+    pos = int(entry.get('done', 0))
+    resume = None
+    if 'todo' in entry and entry.get('todo_attack') not in components:  # interrupted within that attack
+        resume = (_State.decode(entry['todo'], images.device).nonzero().squeeze(1), pos)
+
+    def on_start(attack: str, todo: Tensor) -> None:
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[todo.cpu()] = True
+        entry.update(todo=_State.encode(mask), todo_attack=attack, done=0)  # one update: saved together
+
     bar = None
     for attack, idx, adv in iter_autoattack(adversary, images, labels, correct, batch_size=batch_size,
-                                            skip=tuple(components), on_warning=on_warning):
+                                            skip=tuple(components), resume=resume, on_start=on_start,
+                                            on_warning=on_warning):
         if bar is None:
             bar = tqdm(total=int(correct.sum()), desc=f'{spec.name} {attack}', unit='ex', disable=not runner.progress,
                        leave=False)
         if idx.numel() == 0:  # this attack is done
-            components[attack] = correct.sum().item() / n
-            save(force=True)
+            components[attack] = correct.sum().item() / n  # from here on a resume skips it
+            pos = 0
+            save(pos, force=True)
             bar.close()
             bar = None
             continue
@@ -549,7 +564,8 @@ def _run_autoattack(model, adversary, images, labels, spec: AttackSpec, correct:
         with torch.inference_mode():
             correct[idx] &= model(adv).argmax(1) == labels[idx]
         bar.update(idx.numel())
-        save()
+        pos += idx.numel()
+        save(pos)
 
 
 def _check_masking(result: EvaluationResult, warn: Callable[[str], None]) -> None:

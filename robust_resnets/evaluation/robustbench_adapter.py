@@ -175,8 +175,9 @@ def benchmark(model: nn.Module, *, n_examples: int = 10000, dataset: str = 'cifa
     install()
     import robustbench.eval as rb_eval
 
-    if eps is None and threat_model in DEFAULT_EPS:  # RobustBench's corruptions take no radius
-        eps = default_eps(norm=threat_model, dataset=dataset)
+    norm = getattr(threat_model, 'value', threat_model)  # a name or RobustBench's ThreatModel / BenchmarkDataset
+    if eps is None and norm in DEFAULT_EPS:  # RobustBench's corruptions take no radius
+        eps = default_eps(norm=norm, dataset=getattr(dataset, 'value', dataset))
     if isinstance(device, str):
         device = torch.device(device)
     with _local_cifar(rb_eval):

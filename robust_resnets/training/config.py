@@ -700,7 +700,8 @@ def load_config(path: Union[str, Path], *, overrides: Sequence[str] = ()) -> Tra
     """Loads a YAML recipe (a path or a shipped recipe name), applies ``key=value`` overrides, validates it.
 
     The recipe's ``description`` names the overrides that change what it trains (all but
-    :data:`RUN_CONTROL_KEYS`), e.g. 'Quick PGD-AT WRN-16-4, CIFAR-10 (with overrides model.name=resnet18)',
+    :data:`RUN_CONTROL_KEYS`, and only those that change a value), e.g.
+    'Quick PGD-AT WRN-16-4, CIFAR-10 (with overrides model.name=resnet18)',
     so that a run of another model does not pass for the recipe; an override of ``description`` itself
     is taken as it is.
 
@@ -711,7 +712,17 @@ def load_config(path: Union[str, Path], *, overrides: Sequence[str] = ()) -> Tra
     values = _load_yaml_tree(resolve_config_path(path))
     cfg = config_from_dict(apply_overrides(values, overrides))
     parsed = [(item.strip(), _parse_override(item)[0]) for item in overrides]
-    changes = [item for item, key in parsed if key not in RUN_CONTROL_KEYS]
+    try:
+        base = _flatten(config_to_dict(config_from_dict(values)))
+    except ConfigError:
+        base = {}  # the recipe alone is incomplete: every override counts
+    new = _flatten(config_to_dict(cfg))
+
+    def changed(key: str) -> bool:  # a value the recipe (or the resumed run's config) does not have already
+        k = key if key in new else 'model.kwargs'
+        return k not in base or base[k] != new[k]
+
+    changes = [item for item, key in parsed if key not in RUN_CONTROL_KEYS and changed(key)]
     if changes and 'description' not in (key for _, key in parsed):
         cfg.description = f"{cfg.description} (with overrides {', '.join(changes)})".lstrip()
     return cfg

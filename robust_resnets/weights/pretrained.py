@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -177,16 +178,45 @@ def resolve_pretrained_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, 
     return kwargs
 
 
+def _canonical(value: Any) -> Any:
+    """An argument value in a form that compares by meaning: tensors and arrays as lists, activation names and
+    classes as the layer they build, other strings in lower case."""
+    from robust_resnets.models.layers import resolve_act_layer
+
+    if callable(getattr(value, 'tolist', None)):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, (str, type)):
+        try:
+            return resolve_act_layer(value)
+        except ValueError:
+            return value.lower() if isinstance(value, str) else value
+    return value
+
+
 def _same_value(a: Any, b: Any) -> bool:
-    """Whether two argument values are equal as JSON would write them (a tuple equals its list)."""
-    try:
-        return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
-    except (TypeError, ValueError):
-        return a == b
+    """Whether two argument values mean the same: a tuple equals its list, a tensor its values, 'silu' equals
+    'SiLU' and nn.SiLU, a single value equals a per-stage list of it, numbers within float rounding."""
+    a, b = _canonical(a), _canonical(b)
+    if isinstance(a, list) != isinstance(b, list):
+        one, many = (b, a) if isinstance(a, list) else (a, b)
+        return all(_same_value(one, v) for v in many)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return a == b
 
 
 def _check_caller_args(weights: PretrainedWeights, tag_args: Mapping[str, Any], caller: Mapping[str, Any]) -> None:
-    """Refuses a caller's argument that contradicts the architecture a tag was trained with."""
+    """Refuses a caller's argument that contradicts the architecture a tag was trained with (its entry point's
+    arguments and the tag's ``model_args``)."""
     clash = {k: caller[k] for k, v in tag_args.items() if k in caller and not _same_value(caller[k], v)}
     if clash:
         theirs = ', '.join(f'{k}={tag_args[k]!r}' for k in clash)
@@ -226,12 +256,13 @@ def _resolve(variant: str, pretrained: bool, caller: Dict[str, Any], arch_args: 
 
     # a tag always builds the architecture it was trained with: its arguments override the entry point's
     args = dict(weights.model_args)
+    skipped = ()
     if kwargs.get('in_chans', weights.input_size[0]) != weights.input_size[0]:
         # the checkpoint's per-channel input statistics cannot fit another channel count: the caller's apply
-        for k in ('input_mean', 'input_std'):
-            if k in caller:
-                args.pop(k, None)
-    _check_caller_args(weights, args, caller)
+        skipped = tuple(k for k in ('input_mean', 'input_std') if k in caller)
+        for k in skipped:
+            args.pop(k, None)
+    _check_caller_args(weights, {**{k: v for k, v in arch_args.items() if k not in skipped}, **args}, caller)
     kwargs.update(args)
     if not pretrained:
         return kwargs
