@@ -11,16 +11,13 @@ from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from robust_resnets.cli import run_reporting_errors
     from robust_resnets.cli.train import add_arguments, run
 
     parser = argparse.ArgumentParser(prog='python -m robust_resnets.train', description=__doc__.split('\n')[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f'robust_resnets.train: error: {e}', file=sys.stderr)
-        return 1
+    return run_reporting_errors(run, args, prog='robust_resnets.train')
 
 
 if __name__ == '__main__':

@@ -836,3 +836,29 @@ def test_an_untagged_name_evaluates_its_default_tag(tmp_path, capsys):
     err = capsys.readouterr().err
     assert 'resolves to its default tag, robust_resnet_a1.cifar10_trades' in err
     assert 'robust-resnets eval robust_resnet_a1.cifar10_trades --checkpoint ORIGINAL' in err
+
+
+def test_eval_takes_an_exported_model_folder(tmp_path, monkeypatch, capsys):
+    """A finished training run (timm's config.json + model.safetensors) is evaluated by its path or as
+    local-dir:PATH, with its architecture, model_args, weights and dataset."""
+    import timm
+
+    monkeypatch.setenv('ROBUST_RESNETS_CACHE', str(tmp_path / 'cache'))
+    _write_images(tmp_path / 'cifar', per_class=1)
+    tiny = {'depths': [1, 1, 1], 'widths': [1, 1, 1]}
+    run = tmp_path / 'runs' / 'r1'
+    run.mkdir(parents=True)
+    model = timm.create_model('preact_resnet', **tiny).eval()
+    save_file(model.state_dict(), str(run / 'model.safetensors'))
+    (run / 'config.json').write_text(json.dumps({'architecture': 'preact_resnet', 'model_args': tiny,
+                                                 'training': {'dataset': 'cifar10'}}))
+    common = ['--data-dir', str(tmp_path / 'cifar'), '--n-examples', '4', '--attacks', 'clean', '--quiet']
+    for name in (str(run), f'local-dir:{run}'):
+        out = tmp_path / f'{len(name)}.json'
+        assert _run_cli(['eval', name, *common, '--out', str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result['model']['name'] == 'preact_resnet' and result['data']['dataset'] == 'cifar10'
+        assert result['model']['checkpoint'] == str(run / 'model.safetensors')
+    (run / 'model.safetensors').unlink()
+    assert _run_cli(['eval', f'local-dir:{run}', *common]) == 1
+    assert 'is not an exported model: it needs config.json and model.safetensors' in capsys.readouterr().err

@@ -439,7 +439,7 @@ def test_resume_and_run_directory_errors(tmp_path):
     train(_cfg(run={'max_steps': 1}), tmp_path / 'run', data=data)
     with pytest.raises(FileExistsError, match='already holds a run'):
         train(_cfg(), tmp_path / 'run', data=data)
-    with pytest.raises(ConfigError, match='differs .* in: optim.lr'):
+    with pytest.raises(ConfigError, match='differs .* in: optim.lr.*start a new run: --set model.pretrained_file='):
         train(_cfg(optim={'lr': 0.5}), tmp_path / 'run', data=data, resume=True)
     # the saved recipe has no stop point: `train --out RUN --resume` (which loads it) runs on to the end
     saved = load_config(tmp_path / 'run' / 'train_config.yaml')
@@ -462,6 +462,45 @@ def test_resume_and_run_directory_errors(tmp_path):
     assert epoch_steps('early') == epoch_steps('fresh') == [3, 6]  # each epoch logged once, the cut-off line gone
     a, b = _weights(tmp_path / 'early' / 'model.safetensors'), _weights(tmp_path / 'fresh' / 'model.safetensors')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_directory_model_and_split_mistakes_are_named(tmp_path):
+    """An --out that is a file or another folder's contents, model.kwargs the model does not take, and a
+    holdout nothing would use are refused with one line each, before anything is written."""
+    from robust_resnets.training.trainer import train
+    data = _data()
+    (tmp_path / 'afile').write_text('x')
+    with pytest.raises(FileExistsError, match="'.*afile' is a file; give the directory"):
+        train(_cfg(), tmp_path / 'afile', data=data)
+    converted = tmp_path / 'converted'
+    converted.mkdir()
+    (converted / 'model.safetensors').write_text('weights of something else')
+    with pytest.raises(FileExistsError, match=r'is not a run directory but holds files \(model.safetensors\)'):
+        train(_cfg(), converted, data=data)
+    assert (converted / 'model.safetensors').read_text() == 'weights of something else'
+    with pytest.raises(ValueError, match=r"model.kwargs \{'depth': 3\} do not fit model.name 'resnet18'"):
+        train(_cfg(model={'name': 'resnet18', 'kwargs': {'depth': 3}}), tmp_path / 'r18', data=data)
+    with pytest.raises(ConfigError, match="eval.split is 'test', so the data.holdout=1024 held-out images"):
+        _cfg(eval={'split': 'test'})
+    assert _cfg(eval={'split': 'test'}, data={'holdout': 0}).eval.split == 'test'
+
+
+def test_a_tag_as_model_name_exports_the_architecture_it_built(tmp_path, monkeypatch):
+    """model.name may be a manifest tag: the export's model_args are the tag's, so the weights load back."""
+    import timm
+
+    from _weights_fixtures import entry, use_manifest
+    from robust_resnets.training.trainer import train
+    use_manifest(monkeypatch, tmp_path / 'manifest', {
+        'preact_resnet.fx_tiny': entry(name='fx_tiny', model_args=TINY['kwargs'])})
+    run = tmp_path / 'run'
+    train(_cfg(model={'name': 'preact_resnet.fx_tiny', 'kwargs': {}}, run={'epochs': 1}), run, data=_data())
+    config = json.loads((run / 'config.json').read_text())
+    assert config['architecture'] == 'preact_resnet' and config['model_args'] == TINY['kwargs']
+    model = timm.create_model(config['architecture'], pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(run / 'model.safetensors')), **config['model_args'])
+    saved = _weights(run / 'model.safetensors')
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -615,6 +654,34 @@ def test_cli_lists_recipes_and_reports_bad_keys(tmp_path, capsys):
     assert main(['train', '--config', 'quick_cifar10', '--out', str(tmp_path / 'x')]) == 1
     assert 'data.root is not set' in capsys.readouterr().err
     assert not (tmp_path / 'x').exists()  # nothing is written before the data and the model are in place
+
+
+def test_torchrun_entry_reports_errors_like_the_cli(tmp_path, capsys, monkeypatch):
+    """python -m robust_resnets.train prints one line for the errors the CLI prints one line for (an OSError
+    such as an --out below a file included) and says how to resume after Ctrl-C."""
+    import robust_resnets.cli.train as cli_train
+    from robust_resnets.train import main as torchrun_main
+
+    def fails(error):
+        def run(*args, **kwargs):
+            raise error
+        return run
+
+    monkeypatch.setattr(cli_train, 'run', fails(NotADirectoryError(20, 'Not a directory', 'afile/sub')))
+    assert torchrun_main(['--out', 'afile/sub']) == 1
+    assert capsys.readouterr().err.strip() == "robust_resnets.train: error: [Errno 20] Not a directory: 'afile/sub'"
+    monkeypatch.setattr(cli_train, 'run', fails(KeyboardInterrupt()))
+    assert torchrun_main(['--out', 'x']) == 130
+    monkeypatch.undo()
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'train_config.yaml').write_text(yaml.safe_dump(config_to_dict(_cfg())))
+    import robust_resnets.training.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, 'train', fails(KeyboardInterrupt()))
+    assert torchrun_main(['--resume', '--out', str(run)]) == 130
+    assert f'goes on from the start: no checkpoint was written yet with: robust-resnets train --out {run} --resume' \
+        in capsys.readouterr().err
 
 
 # --- real data ---------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-__all__ = ['main', 'build_parser']
+__all__ = ['main', 'build_parser', 'run_reporting_errors']
 
 #: Subcommands, in the order ``--help`` lists them.
 COMMANDS = ('models', 'eval', 'leaderboard', 'convert', 'publish', 'train')
@@ -42,15 +42,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, 'func', None):
         parser.print_help()
         return 2
+    return run_reporting_errors(args.func, args, prog=f'robust-resnets {args.command}')
+
+
+def run_reporting_errors(func: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace, *,
+                         prog: str) -> int:
+    """Runs a command; a user-facing failure prints one line naming ``prog`` (no traceback) and gives its exit code.
+
+    Returns:
+        The command's exit code; 1 after an error, 130 after Ctrl-C, 0 when the reader of a pipe stopped.
+    """
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except KeyboardInterrupt:
-        print(f'robust-resnets {args.command}: interrupted', file=sys.stderr)
+        print(f'{prog}: interrupted', file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into a reader that stopped (`| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except (ValueError, OSError, RuntimeError) as e:
         # user-facing failures carry their own explanation: print it, not a traceback
-        print(f'robust-resnets {args.command}: error: {e}', file=sys.stderr)
+        print(f'{prog}: error: {e}', file=sys.stderr)
         return 1

@@ -13,8 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     'per-example worst case. Attacks: clean, fgsm, pgd<K>[r<R>], cw<K>[r<R>], aa, aa-plus, '
                     'aa-rand, aa:<attack>+<attack> (the named AutoAttack attacks with standard\'s settings, e.g. '
                     'aa:apgd-ce+apgd-t).')
-    parser.add_argument('model', help='model name with optional tag (robust_resnet_a1.cifar10_trades), or any timm '
-                                      'model name (with --checkpoint or --random-init)')
+    parser.add_argument('model', help='model name with optional tag (robust_resnet_a1.cifar10_trades), any timm '
+                                      'model name (with --checkpoint or --random-init), or an exported model folder '
+                                      '(a finished training run; also as local-dir:PATH)')
     parser.add_argument('--dataset', default=None, choices=('cifar10', 'cifar100', 'imagenet'),
                         help="default: the tag's dataset, else cifar10")
     parser.add_argument('--attacks', default='clean,pgd20,cw40,aa', help='comma-separated (default: %(default)s)')
@@ -77,9 +78,16 @@ def run(args: argparse.Namespace) -> int:
     from robust_resnets.evaluation import evaluate
     from robust_resnets.evaluation.evaluate import check_seed
     from robust_resnets.evaluation.results import format_eps, parse_eps, result_to_dict, write_json
-    from robust_resnets.evaluation.sources import (check_input_fits, load_dataset, load_model, model_notes,
-                                                   resolve_model_name, weights_entry)
+    from robust_resnets.evaluation.sources import (check_input_fits, exported_model, load_dataset, load_model,
+                                                   model_notes, resolve_model_name, weights_entry)
 
+    exported = exported_model(args.model)
+    if exported is not None:  # a run directory or another exported folder: its architecture and weights
+        if args.checkpoint is not None or args.random_init:
+            raise ValueError(f'{args.model} brings its own weights; drop --checkpoint / --random-init.')
+        args.model, weights, trained_on = exported[0], exported[1], exported[2]
+        args.checkpoint = str(weights)
+        args.dataset = args.dataset or trained_on
     resolved = resolve_model_name(args.model, checkpoint=args.checkpoint, random_init=args.random_init)
     if resolved != args.model:
         print(f'robust-resnets eval: note: {args.model} resolves to its default tag, {resolved}', file=sys.stderr)

@@ -11,6 +11,7 @@ Many GPUs or nodes (DDP)::
 from __future__ import annotations
 
 import argparse
+import sys
 
 __all__ = ['register', 'add_arguments', 'run']
 
@@ -54,6 +55,13 @@ def run(args: argparse.Namespace) -> int:
         summary = train(cfg, args.out, resume=args.resume)
     except FileExistsError as e:
         raise ValueError(str(e)) from None
+    except KeyboardInterrupt:
+        if int(os.environ.get('RANK', '0')) == 0 and (Path(args.out) / 'train_config.yaml').is_file():
+            kept = 'its last checkpoint (an epoch end, or every run.checkpoint_every steps)' \
+                if (Path(args.out) / 'last.pt').is_file() else 'the start: no checkpoint was written yet'
+            print(f'robust-resnets train: the run goes on from {kept} with: robust-resnets train --out {args.out} '
+                  f'--resume', file=sys.stderr)
+        raise
     if int(os.environ.get('RANK', '0')) != 0:  # under torchrun, one report
         return 0
     metrics = ' '.join(f'{k}={v:.4f}' for k, v in summary.items() if isinstance(v, float) and k != 'epoch')

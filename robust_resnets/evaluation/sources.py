@@ -24,6 +24,36 @@ def weights_entry(name: str):
     return get_manifest().get(name)
 
 
+def exported_model(name: str) -> Optional[Tuple[str, Path, Optional[str]]]:
+    """``(architecture, weights file, training dataset)`` of an exported model folder named as ``local-dir:PATH``
+    or as a path (a training run, or any folder with timm's ``config.json`` and ``model.safetensors``); None
+    for a model name (which wins over a folder of the same name).
+
+    Raises:
+        ValueError: The folder lacks either file or its config names no architecture.
+    """
+    import json
+
+    import timm
+
+    path = Path(name[len('local-dir:'):]) if name.startswith('local-dir:') else Path(name)
+    if not name.startswith('local-dir:') and (not path.is_dir() or timm.is_model(name.partition('.')[0])):
+        return None  # a model name, even where a folder of that name exists (convert's --out ./TAG)
+    config, weights = path / 'config.json', path / 'model.safetensors'
+    if not (config.is_file() and weights.is_file()):
+        raise ValueError(f"'{path}' is not an exported model: it needs config.json and model.safetensors (a "
+                         f'training run has them once it finished; a stopped one: pass its last.pt as --checkpoint).')
+    try:
+        data = json.loads(config.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"'{config}' is not readable JSON ({e}).") from None
+    arch = data.get('architecture') if isinstance(data, dict) else None
+    if not isinstance(arch, str):
+        raise ValueError(f"'{config}' names no architecture; it is not timm's config.json of a model.")
+    training = data.get('training') if isinstance(data.get('training'), dict) else {}
+    return arch, weights, training.get('dataset')
+
+
 def resolve_model_name(name: str, *, checkpoint: Optional[str] = None, random_init: bool = False) -> str:
     """The name to evaluate: an untagged architecture whose published weights are to be loaded becomes its
     default tag, as ``timm.create_model(arch, pretrained=True)`` resolves it; any other name is kept.

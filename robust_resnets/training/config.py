@@ -529,6 +529,10 @@ def _validate(cfg: TrainConfig) -> None:
 def _validate_data(cfg: TrainConfig) -> None:
     """Checks the augmentation options against the dataset and the objective."""
     data = cfg.data
+    if cfg.eval.split == 'test' and data.holdout:
+        raise ConfigError(f"eval.split is 'test', so the data.holdout={data.holdout} held-out images would be "
+                          f"neither trained on nor evaluated; set data.holdout=0 (train on all images, as the "
+                          f"authors do), or keep eval.split=holdout.")
     if data.dataset == 'imagenet':
         if data.generated:
             raise ConfigError("'data.generated' (extra generated images) is for CIFAR; ImageNet runs take none.")

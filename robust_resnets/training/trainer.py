@@ -140,6 +140,11 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
             raise ValueError(f"model.name '{cfg.model.name}' is not a registered model; list them with "
                              f"`robust-resnets models`.") from None
         raise
+    except TypeError as e:
+        if 'keyword argument' not in str(e):
+            raise
+        raise ValueError(f"model.kwargs {dict(cfg.model.kwargs)} do not fit model.name '{cfg.model.name}' ({e}); "
+                         f"give its constructor's arguments, or 'model.kwargs={{}}' for its defaults.") from None
 
 
 def _is_norm_param_owner(module: nn.Module) -> bool:
@@ -353,6 +358,15 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
+def _built_model_args(cfg: TrainConfig) -> Dict[str, Any]:
+    """The arguments the run's model is built with beside its architecture: a manifest tag's ``model_args``
+    (``model.name`` may name a tag, whose architecture it builds), then ``model.kwargs``."""
+    from robust_resnets.weights import get_manifest
+
+    entry = get_manifest().get(cfg.model.name) if '.' in cfg.model.name else None
+    return {**(dict(entry.model_args) if entry is not None else {}), **cfg.model.kwargs}
+
+
 def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, Any]) -> None:
     """Writes timm's ``config.json``, then ``model.safetensors``, into the run directory (each atomically).
 
@@ -362,7 +376,7 @@ def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, 
 
     from robust_resnets.weights.convert import save_safetensors
 
-    model_args = {k: v for k, v in cfg.model.kwargs.items()}
+    model_args = _built_model_args(cfg)
     training = {'recipe': cfg.description, 'objective': cfg.objective.name, 'epochs': cfg.run.epochs,
                 'threat_model': {'norm': cfg.attack.norm, 'eps': cfg.attack.eps},
                 'dataset': cfg.data.dataset, 'ema': cfg.ema.enabled, **extra}
@@ -397,9 +411,12 @@ def _refuse_changes(saved: Dict[str, Any], cfg: TrainConfig, run_dir: Path) -> N
     saved, now = _flatten(saved), _flatten(config_to_dict(cfg))
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RUN_CONTROL_KEYS)
     if changed:
+        longer = (f' To train on from its weights with another schedule, start a new run: --set '
+                  f'model.pretrained_file={run_dir / "model.safetensors"} --out NEW_RUN.'
+                  if {'run.epochs', 'optim.lr'} & set(changed) else '')
         raise ConfigError(f"The config differs from the one '{run_dir}' was started with, in: "
                           f"{', '.join(changed)}. Resume with the run's own train_config.yaml (only "
-                          f"{', '.join(RUN_CONTROL_KEYS)} may change).")
+                          f"{', '.join(RUN_CONTROL_KEYS)} may change).{longer}")
 
 
 def _check_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> Optional[Dict[str, Any]]:
@@ -421,6 +438,12 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> Optional[Di
     if started:
         raise FileExistsError(f"'{run_dir}' holds a run that ended before its first checkpoint; pass --resume to "
                               f"start it again there, or choose a new --out.")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--out '{run_dir}' is a file; give the directory the run should go to.")
+    others = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if others:  # e.g. a converted model's folder, whose model.safetensors and config.json the export would replace
+        raise FileExistsError(f"'{run_dir}' is not a run directory but holds files ({', '.join(others[:4])}"
+                              f"{', ...' if len(others) > 4 else ''}); choose a new or empty --out.")
     return None
 
 
