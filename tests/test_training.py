@@ -557,6 +557,12 @@ def test_export_loads_in_timm_and_fine_tunes_with_a_new_head(tmp_path):
     train(cfg, tmp_path / 'finetune', data=data)
     tuned = torch.load(tmp_path / 'finetune' / 'last.pt', weights_only=False)['model']
     assert tuned['head.fc.weight'].shape == (100, 64)
+    # a training state with the weights and their average: which to start from is not guessed
+    ema_run = tmp_path / 'ema'
+    train(_cfg(ema={'enabled': True}, run={'max_steps': 1}), ema_run, data=_data())
+    with pytest.raises(ValueError, match='holds both trained weights and their moving average'):
+        train(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_file=str(ema_run / 'last.pt'))),
+              tmp_path / 'finetune_ema', data=data)
 
 
 # --- DDP ---------------------------------------------------------------------------------------------

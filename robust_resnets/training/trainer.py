@@ -130,9 +130,12 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     kwargs['num_classes'] = cfg.model.num_classes or num_classes
     pretrained = cfg.model.pretrained or cfg.model.pretrained_file is not None
     if cfg.model.pretrained_file is not None:
-        if not Path(cfg.model.pretrained_file).is_file():
-            raise FileNotFoundError(f"model.pretrained_file '{cfg.model.pretrained_file}' does not exist.")
-        kwargs['pretrained_cfg_overlay'] = dict(file=str(cfg.model.pretrained_file))
+        path = Path(cfg.model.pretrained_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained_file '{path}' does not exist.")
+        if path.suffix != '.safetensors':
+            _check_unambiguous(path)
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(path))
     try:
         return timm.create_model(cfg.model.name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
@@ -145,6 +148,21 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
             raise
         raise ValueError(f"model.kwargs {dict(cfg.model.kwargs)} do not fit model.name '{cfg.model.name}' ({e}); "
                          f"give its constructor's arguments, or 'model.kwargs={{}}' for its defaults.") from None
+
+
+def _check_unambiguous(path: Path) -> None:
+    """Refuses a training state holding both trained and averaged weights (timm would load the average unasked)."""
+    from robust_resnets.models.layers import strip_checkpoint_wrappers
+    from robust_resnets.weights.convert import load_original_checkpoint
+
+    try:
+        strip_checkpoint_wrappers(load_original_checkpoint(path))
+    except ValueError as e:
+        if 'ambiguous' not in str(e):
+            raise ValueError(f"model.pretrained_file: {e}") from None
+        raise ValueError(f"model.pretrained_file '{path}' holds both trained weights and their moving average, so "
+                         f"which to start from is ambiguous; give a run's model.safetensors (its final weights), or "
+                         f"save the one you want, e.g. torch.save(torch.load(f)['state_dict_ema'], 'ema.pt').") from None
 
 
 def _is_norm_param_owner(module: nn.Module) -> bool:
