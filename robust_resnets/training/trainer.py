@@ -162,7 +162,8 @@ def _check_unambiguous(path: Path) -> None:
             raise ValueError(f"model.pretrained_file: {e}") from None
         raise ValueError(f"model.pretrained_file '{path}' holds both trained weights and their moving average, so "
                          f"which to start from is ambiguous; give a run's model.safetensors (its final weights), or "
-                         f"save the one you want, e.g. torch.save(torch.load(f)['state_dict_ema'], 'ema.pt').") from None
+                         f"save the one you want, e.g. torch.save(torch.load(f)['state_dict_ema'], "
+                         f"'ema.pt').") from None
 
 
 def _is_norm_param_owner(module: nn.Module) -> bool:
