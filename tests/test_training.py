@@ -652,7 +652,8 @@ def test_ddp_resume_mid_epoch_gives_the_straight_run_with_batch_norm(tmp_path):
 def test_cli_lists_recipes_and_reports_bad_keys(tmp_path, capsys):
     from robust_resnets.cli import main
     assert main(['train', '--list']) == 0
-    assert 'rrn_a1_trades' in capsys.readouterr().out.split()
+    listed = capsys.readouterr().out
+    assert 'rrn_a1_trades' in listed.split() and 'quick_cifar10  ' in listed and 'Quick PGD-AT WRN-16-4' in listed
     assert main(['train', '--config', 'quick_cifar10', '--set', 'optim.lrr=1', '--out', str(tmp_path)]) == 1
     assert "Did you mean 'optim.lr'" in capsys.readouterr().err
     assert main(['train', '--resume', '--out', str(tmp_path / 'none')]) == 1

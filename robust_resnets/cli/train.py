@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='Override a config value, e.g. --set optim.lr=0.05 --set run.epochs=10 (repeatable).')
     parser.add_argument('--out', metavar='RUN_DIR', help='Run directory (checkpoints, metrics, final weights).')
     parser.add_argument('--resume', action='store_true', help='Continue the run in RUN_DIR from its last.pt.')
-    parser.add_argument('--list', action='store_true', help='List the shipped recipes and exit.')
+    parser.add_argument('--list', action='store_true', help='List the shipped recipes, each with its description, and exit.')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from robust_resnets.training.config import list_builtin_configs, load_config
 
     if args.list:
-        print('\n'.join(list_builtin_configs()))
+        names = list_builtin_configs()
+        width = max(map(len, names), default=0)
+        print('\n'.join(f'{name:{width}s}  {load_config(name).description}'.rstrip() for name in names))
         return 0
     if not args.out:
         raise ValueError('--out RUN_DIR is required: the directory that receives checkpoints, metrics and weights.')
