@@ -101,8 +101,8 @@ def _label_order(found: Sequence[str], dataset: str, where: str) -> List[str]:
     """
     names, aliases = _CLASSES[dataset], _ALIASES[dataset]
     if len(found) != len(names):
-        raise ValueError(f'{where} has {len(found)} class folders, but {dataset} has {len(names)}. Check --dataset '
-                         f'and --data-dir.')
+        raise ValueError(f'{where} has {len(found)} class folders, but {dataset} has {len(names)}. Check the dataset '
+                         f'and its folder (eval: --dataset, --data-dir; train: data.dataset, data.root).')
     folder_of = {aliases.get(f, f): f for f in found}
     if set(folder_of) == set(names):
         return [folder_of[c] for c in names]

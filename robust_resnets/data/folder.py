@@ -47,8 +47,8 @@ def list_image_folder(root: PathLike, *, subdir: Optional[str] = None) -> List[T
     """
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f'Dataset path {root} does not exist. Point --data-dir at the dataset folder '
-                                f'or archive.')
+        raise FileNotFoundError(f'Dataset path {root} does not exist. Point eval\'s --data-dir (train: data.root) at '
+                                f'the dataset folder or archive.')
     items: List[Tuple[str, str]] = []
     class_folders = set()
     if is_archive(root):
