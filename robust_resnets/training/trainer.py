@@ -133,9 +133,9 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         path = Path(cfg.model.pretrained_file)
         if not path.is_file():
             raise FileNotFoundError(f"model.pretrained_file '{path}' does not exist.")
-        if path.suffix != '.safetensors':
-            _check_unambiguous(path)
-        kwargs['pretrained_cfg_overlay'] = dict(file=str(path))
+        # a pickled training state is opened here once, so that which weights it holds is never guessed
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(path)) if path.suffix == '.safetensors' else \
+            dict(state_dict=_unambiguous_state_dict(path))
     try:
         return timm.create_model(cfg.model.name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
@@ -150,13 +150,14 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
                          f"give its constructor's arguments, or 'model.kwargs={{}}' for its defaults.") from None
 
 
-def _check_unambiguous(path: Path) -> None:
-    """Refuses a training state holding both trained and averaged weights (timm would load the average unasked)."""
+def _unambiguous_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """The weights of a pickled checkpoint, out of its training-state wrappers; one holding both trained and
+    averaged weights is refused (timm's own loading would take the average unasked)."""
     from robust_resnets.models.layers import strip_checkpoint_wrappers
     from robust_resnets.weights.convert import load_original_checkpoint
 
     try:
-        strip_checkpoint_wrappers(load_original_checkpoint(path))
+        return strip_checkpoint_wrappers(load_original_checkpoint(path))
     except ValueError as e:
         if 'ambiguous' not in str(e):
             raise ValueError(f"model.pretrained_file: {e}") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -119,6 +120,7 @@ def default_entry(variant: str) -> Optional[PretrainedWeights]:
     return plain[0] if plain else None
 
 
+@lru_cache(maxsize=None)
 def _timm_takes_cache_dir() -> bool:
     """Whether this timm's ``build_model_with_cfg`` takes ``cache_dir`` (timm 1.0.9 passes it on to the model)."""
     from timm.models import build_model_with_cfg
@@ -227,7 +229,8 @@ def _check_caller_args(weights: PretrainedWeights, tag_args: Mapping[str, Any], 
 
 
 def _resolve(variant: str, pretrained: bool, caller: Dict[str, Any], arch_args: Dict[str, Any]) -> Dict[str, Any]:
-    """``resolve_pretrained_kwargs`` for a timm that takes ``cache_dir``."""
+    """The build kwargs: the entry point's ``arch_args``, the ``caller``'s, then a manifest tag's ``model_args``
+    and weights file (``cache_dir`` still in them)."""
     kwargs = {**arch_args, **caller}
     cfg_arg = kwargs.get('pretrained_cfg')
     if cfg_arg is not None and not isinstance(cfg_arg, str):
