@@ -566,12 +566,16 @@ def test_export_loads_in_timm_and_fine_tunes_with_a_new_head(tmp_path):
 
 
 # --- DDP ---------------------------------------------------------------------------------------------
-def _ddp_worker(rank, port, cfg_dict, data, out):
+def _ddp_worker(rank, port, runs, data):
+    # one process group for the runs (config, run directory): the trainer leaves a group it did not create in place
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE='2')
     torch.set_num_threads(1)
+    torch.distributed.init_process_group('gloo')
     from robust_resnets.training.trainer import train
-    train(config_from_dict(cfg_dict), out, data=data)
+    for cfg_dict, out in runs:
+        train(config_from_dict(cfg_dict), out, data=data)
+    torch.distributed.destroy_process_group()
 
 
 def _ddp_resume_worker(rank, port, cfg_dict, data, out):
@@ -603,18 +607,28 @@ def _spawn_two(worker, *args):
             pytest.fail('the two DDP workers did not finish within 300 s')
 
 
-def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch_also_with_accumulation(tmp_path):
     # GroupNorm instead of batch norm: per-example computations, so a batch split over two processes
     # must give the same update as the whole batch in one (batch norm would see per-process statistics).
     cfg = _cfg(model={'kwargs': {**TINY['kwargs'], 'normalizations': 'GroupNorm'}},
                objective={'name': 'trades'}, run={'epochs': 1}, optim={'grad_clip': 1.0})
     data = _data(n_train=32)
-    _spawn_two(_ddp_worker, config_to_dict(cfg), data, str(tmp_path / 'ddp'))
+    # and with two passes per process and step: DDP must add the passes' gradients before it reduces them
+    accum = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, grad_accum_steps=2))
+    _spawn_two(_ddp_worker, [(config_to_dict(cfg), str(tmp_path / 'ddp')),
+                             (config_to_dict(accum), str(tmp_path / 'ddp_accum'))], data)
     from robust_resnets.training.trainer import train
     train(cfg, tmp_path / 'single', data=data)
-    ddp = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=False)
     single = torch.load(tmp_path / 'single' / 'last.pt', weights_only=False)
-    assert ddp['step'] == single['step'] == 2
+    for run in ('ddp', 'ddp_accum'):
+        _assert_same_update(torch.load(tmp_path / run / 'last.pt', weights_only=False), single, cfg)
+    log = [json.loads(x) for x in (tmp_path / 'ddp_accum' / 'metrics.jsonl').read_text().splitlines()]
+    assert log[0]['world_size'] == 2 and log[0]['grad_accum_steps'] == 2
+
+
+def _assert_same_update(other, single, cfg):
+    """``other`` (a last.pt) holds the weights and optimizer state of ``single`` up to float summation order."""
+    assert other['step'] == single['step'] == 2
     # the same update up to float summation order: TRADES' sign-gradient attack can flip the sign of a
     # pixel's step where the gradient is ~0, which moves weights by ~1e-6; a wrong gradient reduction or
     # batch split moves them by ~1e-2 (the update itself is that large)
@@ -623,14 +637,45 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     init = timm.create_model('preact_resnet', **cfg.model.kwargs).state_dict()
     assert max((v - init[k]).abs().max().item() for k, v in single['model'].items()) > 1e-3
     for k, v in single['model'].items():
-        torch.testing.assert_close(ddp['model'][k], v, rtol=1e-4, atol=2e-5, msg=k)
+        torch.testing.assert_close(other['model'][k], v, rtol=1e-4, atol=2e-5, msg=k)
     # momentum buffers hold gradients, where such a flip shows most (2.2e-5 seen with torch 2.1); each
     # buffer's largest entry is far above that tolerance, so a wrong reduction still fails
-    torch.testing.assert_close(ddp['optimizer']['state'], single['optimizer']['state'], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(other['optimizer']['state'], single['optimizer']['state'], rtol=1e-4, atol=1e-4)
     buffers = [s['momentum_buffer'].abs().max().item() for s in single['optimizer']['state'].values()]
     assert min(buffers) > 1e-3
-    log = [json.loads(x) for x in (tmp_path / 'ddp' / 'metrics.jsonl').read_text().splitlines()]
-    assert log[0]['world_size'] == 2
+
+
+def test_gradient_accumulation_gives_the_whole_batch_update_and_may_change_on_resume(tmp_path):
+    from robust_resnets.training.trainer import train
+    # GroupNorm: per-example computations, so two or four passes of a step add up to the whole batch's update
+    # (no gradient clipping: it would hide passes whose gradients are summed instead of averaged)
+    cfg = _cfg(model={'kwargs': {**TINY['kwargs'], 'normalizations': 'GroupNorm'}},
+               objective={'name': 'trades'}, run={'epochs': 1})
+    with_accum = lambda n, **run: dataclasses.replace(  # noqa: E731
+        cfg, run=dataclasses.replace(cfg.run, grad_accum_steps=n, **run))
+    data = _data(n_train=32)
+    train(cfg, tmp_path / 'whole', data=data)
+    whole = torch.load(tmp_path / 'whole' / 'last.pt', weights_only=False)
+    for n in (2, 4):
+        train(with_accum(n), tmp_path / f'accum{n}', data=data)
+        _assert_same_update(torch.load(tmp_path / f'accum{n}' / 'last.pt', weights_only=False), whole, cfg)
+        log = [json.loads(x) for x in (tmp_path / f'accum{n}' / 'metrics.jsonl').read_text().splitlines()]
+        first, epoch = log[0], next(r for r in log if r.get('epoch') == 1)
+        assert first['grad_accum_steps'] == n and epoch['step'] == 2
+    # a run goes on with another number of passes (e.g. on fewer GPUs)
+    train(with_accum(2, max_steps=1), tmp_path / 'changed', data=data)
+    train(cfg, tmp_path / 'changed', data=data, resume=True)
+    _assert_same_update(torch.load(tmp_path / 'changed' / 'last.pt', weights_only=False), whole, cfg)
+
+    with pytest.raises(ConfigError, match=r'run.batch_size \(16\) must divide evenly over 1 processes x 3 steps of '
+                                          r'run.grad_accum_steps'):
+        train(with_accum(3), tmp_path / 'uneven', data=data)
+    with pytest.raises(ConfigError, match=r'per process and pass \(3\) must be even.*run.grad_accum_steps'):
+        mixed = _cfg(data={'mixup_alpha': 0.8}, run={'batch_size': 12, 'grad_accum_steps': 4})
+        train(mixed, tmp_path / 'odd', data=data)
+    with pytest.raises(ConfigError, match='run.grad_accum_steps'):
+        _cfg(run={'grad_accum_steps': 0})
+    assert not any((tmp_path / run).exists() for run in ('uneven', 'odd'))
 
 
 def test_ddp_resume_mid_epoch_gives_the_straight_run_with_batch_norm(tmp_path):

@@ -270,7 +270,12 @@ class RunConfig:
 
     Attributes:
         epochs: Training epochs.
-        batch_size: Global batch size (split evenly over the DDP processes).
+        batch_size: Global batch size of an optimizer step (split evenly over the DDP processes and then
+            over ``grad_accum_steps``).
+        grad_accum_steps: Forward/backward passes whose gradients add up to one optimizer step: each process
+            trains ``batch_size / (processes * grad_accum_steps)`` images at a time. A run's result does
+            not depend on it, except through batch-norm statistics and mixup/CutMix pairs (like the number
+            of processes), so a resumed run may change it.
         seed: Seed of everything random (data order, augmentation, attack starts, initialisation).
         device: 'auto' (CUDA when available), 'cpu' or 'cuda'.
         amp: bf16 autocast: 'auto' (on when running on CUDA), true or false.
@@ -286,6 +291,7 @@ class RunConfig:
 
     epochs: int = 100
     batch_size: int = 128
+    grad_accum_steps: int = 1
     seed: int = 0
     device: str = 'auto'
     amp: Union[bool, str] = 'auto'
@@ -314,9 +320,10 @@ class TrainConfig:
     description: str = ''
 
 
-#: Keys that steer the execution of a run but not its result: a resumed run may change them.
+#: Keys that steer the execution of a run but not its result (run.grad_accum_steps: up to batch-norm statistics
+#: and mixup pairs, like the number of processes): a resumed run may change them.
 RUN_CONTROL_KEYS = ('run.max_steps', 'run.checkpoint_every', 'run.progress', 'run.log_every', 'description',
-                    'data.root', 'data.workers')
+                    'data.root', 'data.workers', 'run.grad_accum_steps')
 #: Keys that were renamed: the old name, and what to write instead.
 _RENAMED = {'optim.decay_norm_params': "optim.no_weight_decay ('norm' for decay_norm_params: false, 'none' for true)"}
 
@@ -339,7 +346,7 @@ _NON_NEGATIVE = ('data.holdout', 'data.crop_padding', 'data.rotation', 'data.wor
                  'attack.eps', 'attack.step_size', 'attack.steps', 'optim.weight_decay', 'optim.momentum',
                  'schedule.warmup_epochs', 'ema.warmup_epochs', 'eval.pgd_steps', 'eval.pgd_step_size')
 _POSITIVE = ('optim.lr', 'run.epochs', 'run.batch_size', 'eval.batch_size', 'eval.every', 'run.log_every',
-             'data.image_size')
+             'data.image_size', 'run.grad_accum_steps')
 #: Radii and steps in pixel units: fractions such as 8/255 are read as numbers, and a Linf one above 1 is refused.
 _RADII = ('attack.eps', 'attack.step_size', 'eval.pgd_step_size')
 _PROBABILITIES = ('data.random_erasing', 'data.mixup_prob', 'data.mixup_switch_prob', 'schedule.warmup_start',

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,15 @@ __all__ = ['train', 'TrainingDiverged', 'WeightAverage', 'build_optimizer', 'bui
 CHECKPOINT_VERSION = 1
 _MIX = 6  # stream tag for derive_seed: the mixup/CutMix draws of a step
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+class _PassOutputs(NamedTuple):
+    """What one forward/backward pass gives the step: its loss and logits, and the labels scored."""
+
+    loss: Tensor
+    clean_logits: Optional[Tensor]
+    adv_logits: Optional[Tensor]
+    labels: Tensor
 
 
 class TrainingDiverged(RuntimeError):
@@ -497,13 +506,14 @@ def train(cfg: TrainConfig, out_dir: Union[str, Path], *, resume: bool = False,
             dist.destroy_process_group()
 
 
-def _build_mixer(cfg: TrainConfig, num_classes: int, per_rank_batch: int):
+def _build_mixer(cfg: TrainConfig, num_classes: int, micro_batch: int):
     """timm's Mixup for ``data.mixup_alpha``/``data.cutmix_alpha`` (None when batches are not mixed)."""
     if not cfg.data.mixing:
         return None
-    if per_rank_batch % 2:
-        raise ConfigError(f'Mixup/CutMix pair each image with another of the same process; the per-process batch '
-                          f'({per_rank_batch}) must be even. Change run.batch_size.')
+    if micro_batch % 2:
+        raise ConfigError(f'Mixup/CutMix pair each image with another of the same forward pass; the images per '
+                          f'process and pass ({micro_batch}) must be even. Change run.batch_size or '
+                          f'run.grad_accum_steps.')
     from timm.data import Mixup
 
     return Mixup(mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha, prob=cfg.data.mixup_prob,
@@ -523,8 +533,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
     from robust_resnets.attacks.pgd import pgd_attack
 
     config_from_dict(config_to_dict(cfg))  # validate programmatic configs too
-    if cfg.run.batch_size % d.world_size:
-        raise ConfigError(f'run.batch_size ({cfg.run.batch_size}) must divide evenly over {d.world_size} processes.')
+    accum_steps = cfg.run.grad_accum_steps
+    if cfg.run.batch_size % (d.world_size * accum_steps):
+        over = f'{d.world_size} processes' + (f' x {accum_steps} steps of run.grad_accum_steps' if accum_steps > 1 else '')
+        raise ConfigError(f'run.batch_size ({cfg.run.batch_size}) must divide evenly over {over}.')
+    micro_batch = cfg.run.batch_size // (d.world_size * accum_steps)  # images per forward/backward pass
     # rank 0 checks the run directory (which all processes must see) and tells the others
     ckpt, error = None, None
     if d.main:
@@ -570,7 +583,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
                      rotation=cfg.data.rotation)
     spe = plan.steps_per_epoch
     total_steps = cfg.run.epochs * spe
-    mixer = _build_mixer(cfg, cfg.model.num_classes or data.num_classes, cfg.run.batch_size // d.world_size)
+    mixer = _build_mixer(cfg, cfg.model.num_classes or data.num_classes, micro_batch)
     if mixer is not None and 'label_smoothing' in hyper:
         hyper['label_smoothing'] = 0.0  # the mixed targets carry it
 
@@ -613,8 +626,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
     accum = accum.to(device)  # loss sum, steps, clean correct, adversarial correct, examples
 
     net: nn.Module = raw
+    ddp = None
     if d.enabled:
-        net = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == 'cuda' else None)
+        net = ddp = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == 'cuda' else None)
     attack_net: nn.Module = raw
     if cfg.run.compile:
         net, attack_net = torch.compile(net), torch.compile(raw)
@@ -648,7 +662,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
 
     if d.main and step == 0:
         log({'event': 'start', 'steps_per_epoch': spe, 'total_steps': total_steps, 'world_size': d.world_size,
-             'device': str(device), 'amp': amp, 'channels_last': channels_last,
+             'grad_accum_steps': accum_steps, 'device': str(device), 'amp': amp, 'channels_last': channels_last,
              'params': sum(p.numel() for p in raw.parameters())})
     elif d.main and not already_exported:
         log({'event': 'resume', 'step': step, 'epoch': step / spe})
@@ -658,6 +672,46 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         from tqdm.auto import tqdm
         progress = tqdm(total=total_steps, initial=step, unit='step', dynamic_ncols=True,
                         desc=f'epoch {min(step // spe + 1, cfg.run.epochs)}/{cfg.run.epochs}')
+    def forward_backward(x: Tensor, y: Tensor, *, attack_seeds: Tensor, mix_seed: int) -> _PassOutputs:
+        """One forward/backward pass on a part of the step's batch; its gradients add to the parameters'."""
+        targets = y  # class indices, or the soft targets of mixed batches
+        if mixer is not None:
+            # timm's Mixup draws from numpy; each pass mixes its own images (pairs and draws), as in the
+            # authors' and timm's DDP training, so mixed runs depend on the number of processes and passes
+            with seeded_global_rngs(mix_seed):
+                x, targets = mixer(x, y)
+            y = targets.argmax(1)  # the dominant class, for the training accuracies
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        x_adv = None
+        if objective.adversarial:
+            with _attack_mode(raw, cfg.objective.attack_bn), _autocast(device, amp):
+                attack_targets = targets
+                if objective.attack_target == 'clean_probs':
+                    with torch.no_grad():
+                        attack_targets = F.softmax(attack_net(x).float(), dim=1)
+                if cfg.attack.name == 'apgd':
+                    x_adv = apgd_attack(attack_net, x, attack_targets, eps=cfg.attack.eps, steps=cfg.attack.steps,
+                                        norm=cfg.attack.norm, loss_fn=objective.attack_loss)
+                else:
+                    x_adv = pgd_attack(attack_net, x, attack_targets, eps=cfg.attack.eps, steps=cfg.attack.steps,
+                                       step_size=cfg.attack.step_size, norm=cfg.attack.norm,
+                                       loss_fn=objective.attack_loss, random_start=cfg.attack.random_start,
+                                       init_std=cfg.attack.init_std, example_seeds=attack_seeds)
+        raw.train()
+        with _autocast(device, amp):
+            clean_logits = adv_logits = None
+            if objective.needs_clean_logits:
+                freeze = objective.adversarial and cfg.objective.bn_update == 'adversarial'
+                with _frozen_bn_stats(raw) if freeze else contextlib.nullcontext():
+                    clean_logits = net(x)
+            if objective.adversarial:
+                adv_logits = net(x_adv)
+            loss = objective.loss(clean_logits, adv_logits, targets, **hyper)
+        (loss / accum_steps).backward()  # the passes' mean losses average to the step's
+        return _PassOutputs(loss.detach().double(), clean_logits, adv_logits, y)
+
     bns = _batch_norms(raw)
     status = 'finished'
     epoch_start = time.time()
@@ -680,48 +734,31 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
                     m.momentum = 1.0 if step == 0 else cfg.run.bn_momentum
             batch = plan.step(step, rank=d.rank, world_size=d.world_size)
             if file_batches is not None:
-                x, y = next(file_batches)
+                x_rank, y_rank = next(file_batches)
             else:
-                images_u8, y = gather_batch(data, batch, device=device)
-                x = augment(images_u8, crop_offsets=batch.crop_offsets, crop_padding=cfg.data.crop_padding,
-                            flips=batch.flips, angles=batch.angles if cfg.data.rotation else None)
-            targets = y  # class indices, or the soft targets of mixed batches
-            if mixer is not None:
-                # timm's Mixup draws from numpy; each process mixes its own share (pairs and draws), as in
-                # the authors' and timm's DDP training, so mixed runs depend on the number of processes
-                with seeded_global_rngs(derive_seed(cfg.run.seed, _MIX, step, d.rank)):
-                    x, targets = mixer(x, y)
-                y = targets.argmax(1)  # the dominant class, for the training accuracies
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+                images_u8, y_rank = gather_batch(data, batch, device=device)
+                x_rank = augment(images_u8, crop_offsets=batch.crop_offsets, crop_padding=cfg.data.crop_padding,
+                                 flips=batch.flips, angles=batch.angles if cfg.data.rotation else None)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for micro in range(accum_steps):
+                part = slice(micro * micro_batch, (micro + 1) * micro_batch)
+                last_pass = micro == accum_steps - 1
+                # gradients add up locally; DDP reduces them over the processes in the step's last pass
+                with ddp.no_sync() if ddp is not None and not last_pass else contextlib.nullcontext():
+                    outputs = forward_backward(x_rank[part], y_rank[part], attack_seeds=batch.attack_seeds[part],
+                                                mix_seed=derive_seed(cfg.run.seed, _MIX, step,
+                                                                     d.rank * accum_steps + micro))
+                step_loss += outputs.loss
+                with torch.no_grad():
+                    if outputs.clean_logits is not None:
+                        accum[2] += (outputs.clean_logits.argmax(1) == outputs.labels).sum()
+                    if outputs.adv_logits is not None:
+                        accum[3] += (outputs.adv_logits.argmax(1) == outputs.labels).sum()
+                    accum[4] += outputs.labels.numel()
+            step_loss /= accum_steps
 
-            x_adv = None
-            if objective.adversarial:
-                with _attack_mode(raw, cfg.objective.attack_bn), _autocast(device, amp):
-                    attack_targets = targets
-                    if objective.attack_target == 'clean_probs':
-                        with torch.no_grad():
-                            attack_targets = F.softmax(attack_net(x).float(), dim=1)
-                    if cfg.attack.name == 'apgd':
-                        x_adv = apgd_attack(attack_net, x, attack_targets, eps=cfg.attack.eps, steps=cfg.attack.steps,
-                                            norm=cfg.attack.norm, loss_fn=objective.attack_loss)
-                    else:
-                        x_adv = pgd_attack(attack_net, x, attack_targets, eps=cfg.attack.eps, steps=cfg.attack.steps,
-                                           step_size=cfg.attack.step_size, norm=cfg.attack.norm,
-                                           loss_fn=objective.attack_loss, random_start=cfg.attack.random_start,
-                                           init_std=cfg.attack.init_std, example_seeds=batch.attack_seeds)
-            raw.train()
-            with _autocast(device, amp):
-                clean_logits = adv_logits = None
-                if objective.needs_clean_logits:
-                    freeze = objective.adversarial and cfg.objective.bn_update == 'adversarial'
-                    with _frozen_bn_stats(raw) if freeze else contextlib.nullcontext():
-                        clean_logits = net(x)
-                if objective.adversarial:
-                    adv_logits = net(x_adv)
-                loss = objective.loss(clean_logits, adv_logits, targets, **hyper)
-
-            finite = torch.isfinite(loss.detach()).to(torch.int32)
+            finite = torch.isfinite(step_loss).to(torch.int32)
             if not bool(_all_reduce(finite, d, dist.ReduceOp.MIN if d.enabled else None).item()):
                 kept = f"the last good checkpoint is '{run_dir / 'last.pt'}' (step {saved_at[0]})" \
                     if saved_at[0] is not None else 'no checkpoint was written yet'
@@ -729,8 +766,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
                 raise TrainingDiverged(
                     f'The training loss became non-finite at step {step} (epoch {epoch + 1}); {kept}. Lower '
                     f'optim.lr, set optim.grad_clip, or disable run.amp, then start again or --resume.')
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if cfg.optim.grad_clip is not None:
                 nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip)
             optimizer.step()
@@ -743,18 +778,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
             if ema is not None:
                 ema.update(raw, step=step)
 
-            with torch.no_grad():
-                accum[0] += loss.detach().double()
-                accum[1] += 1
-                if clean_logits is not None:
-                    accum[2] += (clean_logits.argmax(1) == y).sum()
-                if adv_logits is not None:
-                    accum[3] += (adv_logits.argmax(1) == y).sum()
-                accum[4] += y.numel()
+            accum[0] += step_loss
+            accum[1] += 1
             if progress is not None:
                 progress.update(1)
                 if step % cfg.run.log_every == 0:
-                    progress.set_postfix(loss=f'{loss.item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.4g}")
+                    progress.set_postfix(loss=f'{step_loss.item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.4g}")
 
             if step % spe == 0:  # end of an epoch
                 epoch_done = step // spe
