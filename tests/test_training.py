@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -431,6 +432,34 @@ def test_kill_and_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     assert training(tmp_path / 'killed')['final_metrics'] == training(tmp_path / 'straight')['final_metrics'] != {}
 
 
+def test_ctrl_c_saves_the_current_step_and_resume_gives_the_straight_run(tmp_path, monkeypatch):
+    import robust_resnets.attacks.pgd as pgd_mod
+    from robust_resnets.training.trainer import TrainingInterrupted, _StopRequest, train
+    data = _data(n_generated=20)
+    train(_resume_cfg(), tmp_path / 'straight', data=data)
+    # Ctrl-C in the second step's attack: that step is finished, saved, and the run stops
+    monkeypatch.setattr(pgd_mod, 'pgd_attack', _sigint_on_call(pgd_mod.pgd_attack, 2))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(_resume_cfg(), tmp_path / 'killed', data=data)
+    assert stopped.value.step == 2 and stopped.value.checkpoint == tmp_path / 'killed' / 'last.pt'
+    assert torch.load(stopped.value.checkpoint, weights_only=False)['step'] == 2  # mid-epoch (3 steps an epoch)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
+    monkeypatch.undo()
+    train(_resume_cfg(), tmp_path / 'killed', data=data, resume=True)
+    a, b = (_weights(tmp_path / run / 'model.safetensors') for run in ('straight', 'killed'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # a second Ctrl-C stops at once, unless it comes within a second (torchrun passes the first one on)
+    clock = iter([100.0, 100.5, 102.0])
+    monkeypatch.setattr('time.monotonic', lambda: next(clock))
+    request = _StopRequest(announce=False)
+    request(signal.SIGINT, None)
+    request(signal.SIGINT, None)
+    assert request.requested
+    with pytest.raises(KeyboardInterrupt):
+        request(signal.SIGINT, None)
+
+
 def test_resume_and_run_directory_errors(tmp_path):
     from robust_resnets.training.trainer import train
     data = _data()
@@ -579,17 +608,41 @@ def _ddp_worker(rank, port, runs, data):
 
 
 def _ddp_resume_worker(rank, port, cfg_dict, data, out):
-    # one process group for the three runs: the trainer leaves a group it did not create in place
+    # one process group for the runs: the trainer leaves a group it did not create in place
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE='2')
     torch.set_num_threads(1)
     torch.distributed.init_process_group('gloo')
-    from robust_resnets.training.trainer import train
+    from robust_resnets.training.trainer import TrainingInterrupted, train
     cfg = config_from_dict(cfg_dict)
     train(cfg, f'{out}/straight', data=data)
     train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=3)), f'{out}/killed', data=data)
     train(cfg, f'{out}/killed', data=data, resume=True)
+    # Ctrl-C seen by one process only (in its third step's attack): both stop after that step and save it
+    import robust_resnets.attacks.pgd as pgd_mod
+    attack = pgd_mod.pgd_attack
+    pgd_mod.pgd_attack = _sigint_on_call(attack, 3 if rank == 1 else None)
+    try:
+        train(cfg, f'{out}/interrupted', data=data)
+        raise AssertionError('Ctrl-C did not stop the run')
+    except TrainingInterrupted as e:
+        assert e.step == 3, e.step
+    finally:
+        pgd_mod.pgd_attack = attack
+    train(cfg, f'{out}/interrupted', data=data, resume=True)
     torch.distributed.destroy_process_group()
+
+
+def _sigint_on_call(func, n):
+    """``func``, sending this process a SIGINT (Ctrl-C) in its ``n``-th call (never with None)."""
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            signal.raise_signal(signal.SIGINT)
+        return func(*args, **kwargs)
+    return wrapped
 
 
 def _spawn_two(worker, *args):
@@ -678,19 +731,22 @@ def test_gradient_accumulation_gives_the_whole_batch_update_and_may_change_on_re
     assert not any((tmp_path / run).exists() for run in ('uneven', 'odd'))
 
 
-def test_ddp_resume_mid_epoch_gives_the_straight_run_with_batch_norm(tmp_path):
+def test_ddp_resume_mid_epoch_after_a_stop_or_ctrl_c_gives_the_straight_run_with_batch_norm(tmp_path):
     # batch norm with eval-mode attacks: each process updates the statistics with its share of the batch, so
     # the processes must go on with one model's statistics (rank 0's, which the checkpoint holds) for a
     # resumed run to equal a straight one; the epoch's running loss must count every process once
     cfg = _cfg(objective={'name': 'trades', 'attack_bn': 'eval'}, run={'epochs': 2})
     _spawn_two(_ddp_resume_worker, config_to_dict(cfg), _data(n_train=32), str(tmp_path))
-    a, b = (_weights(tmp_path / run / 'model.safetensors') for run in ('straight', 'killed'))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = _weights(tmp_path / 'straight' / 'model.safetensors')
     log = lambda p: [json.loads(x) for x in (p / 'metrics.jsonl').read_text().splitlines()]  # noqa: E731
-    epoch_2 = [[r for r in log(tmp_path / run) if r.get('epoch') == 2 and 'event' not in r][-1]
-               for run in ('straight', 'killed')]
-    for key in ('train_loss', 'train_clean_acc', 'train_adv_acc', 'val_clean_acc'):
-        assert epoch_2[0][key] == pytest.approx(epoch_2[1][key], abs=1e-12), key
+    for run in ('killed', 'interrupted'):
+        b = _weights(tmp_path / run / 'model.safetensors')
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
+        epoch_2 = [[r for r in log(tmp_path / name) if r.get('epoch') == 2 and 'event' not in r][-1]
+                   for name in ('straight', run)]
+        for key in ('train_loss', 'train_clean_acc', 'train_adv_acc', 'val_clean_acc'):
+            assert epoch_2[0][key] == pytest.approx(epoch_2[1][key], abs=1e-12), (run, key)
+    assert {'event': 'interrupted', 'step': 3, 'epoch': 1.5} in log(tmp_path / 'interrupted')
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -733,6 +789,10 @@ def test_torchrun_entry_reports_errors_like_the_cli(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(trainer_mod, 'train', fails(KeyboardInterrupt()))
     assert torchrun_main(['--resume', '--out', str(run)]) == 130
     assert f'goes on from the start: no checkpoint was written yet with: robust-resnets train --out {run} --resume' \
+        in capsys.readouterr().err
+    monkeypatch.setattr(trainer_mod, 'train', fails(trainer_mod.TrainingInterrupted(7, run / 'last.pt')))
+    assert torchrun_main(['--resume', '--out', str(run)]) == 130
+    assert f'goes on from step 7, saved when Ctrl-C stopped it, with: robust-resnets train --out {run} --resume' \
         in capsys.readouterr().err
 
 

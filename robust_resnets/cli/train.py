@@ -51,16 +51,20 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"Nothing to resume in '{args.out}': it has no train_config.yaml.")
     cfg = load_config(config, overrides=args.overrides)
 
-    from robust_resnets.training.trainer import train
+    from robust_resnets.training.trainer import TrainingInterrupted, train
 
     try:
         summary = train(cfg, args.out, resume=args.resume)
     except FileExistsError as e:
         raise ValueError(str(e)) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if int(os.environ.get('RANK', '0')) == 0 and (Path(args.out) / 'train_config.yaml').is_file():
-            kept = 'its last checkpoint (an epoch end, or every run.checkpoint_every steps)' \
-                if (Path(args.out) / 'last.pt').is_file() else 'the start: no checkpoint was written yet'
+            if isinstance(e, TrainingInterrupted):
+                kept = f'step {e.step}, saved when Ctrl-C stopped it,'
+            elif (Path(args.out) / 'last.pt').is_file():
+                kept = 'its last checkpoint (an epoch end, or every run.checkpoint_every steps)'
+            else:
+                kept = 'the start: no checkpoint was written yet'
             print(f'robust-resnets train: the run goes on from {kept} with: robust-resnets train --out {args.out} '
                   f'--resume', file=sys.stderr)
         raise

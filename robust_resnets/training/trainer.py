@@ -23,6 +23,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Union
@@ -43,7 +45,7 @@ from .data import (BatchPlan, TrainingData, _EVAL, augment, derive_seed, gather_
 from .imagenet_data import ImageFolderTrainingData, ImageNetBatches, load_imagenet_training_data
 from .losses import Objective, get_objective
 
-__all__ = ['train', 'TrainingDiverged', 'WeightAverage', 'build_optimizer', 'build_scheduler', 'evaluate']
+__all__ = ['train', 'TrainingDiverged', 'TrainingInterrupted', 'WeightAverage', 'build_optimizer', 'build_scheduler', 'evaluate']
 
 CHECKPOINT_VERSION = 1
 _MIX = 6  # stream tag for derive_seed: the mixup/CutMix draws of a step
@@ -57,6 +59,52 @@ class _PassOutputs(NamedTuple):
     clean_logits: Optional[Tensor]
     adv_logits: Optional[Tensor]
     labels: Tensor
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run once its current step was done; ``checkpoint`` holds that step.
+
+    Attributes:
+        step: The optimizer steps done (and saved).
+        checkpoint: The run's ``last.pt``.
+    """
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by Ctrl-C after step {step}; saved in '{checkpoint}'")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _StopRequest:
+    """A SIGINT handler: the first Ctrl-C asks the run to stop after its current step; one more, at least a
+    second later, stops at once (torchrun passes a Ctrl-C on to its workers, who then see two at once)."""
+
+    def __init__(self, *, announce: bool) -> None:
+        self.requested = False
+        self._first: Optional[float] = None
+        self._announce = announce
+        self._installed = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self._first is None:
+            self._first, self.requested = now, True
+            if self._announce:  # os.write: safe inside a signal handler, unlike print
+                os.write(2, b'\nCtrl-C: the run stops after its current step and saves it; press '
+                         b'Ctrl-C again to stop at once (losing the steps since the last checkpoint).\n')
+        elif now - self._first > 1.0:
+            raise KeyboardInterrupt
+
+    def install(self) -> None:
+        """Handles SIGINT from now on, where Python's default handler is in place (else leaves it alone)."""
+        self._installed = threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if self._installed:
+            signal.signal(signal.SIGINT, self)
+
+    def uninstall(self) -> None:
+        """Gives Ctrl-C back to Python's default handler."""
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class TrainingDiverged(RuntimeError):
@@ -648,6 +696,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
 
     def save_checkpoint() -> None:
         totals = _all_reduce(accum.clone(), d)  # every process calls this, so all take part
+        saved_at[0] = step  # on every process: whether to save again is decided alike everywhere
         if not d.main:
             return
         _atomic_torch_save({
@@ -658,7 +707,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
             'state_dict_ema': ema.module.state_dict() if ema is not None else None,
             'rng': _rng_state(device), 'best': best, 'accum': totals.cpu(), 'last_eval': last_eval,
         }, run_dir / 'last.pt')
-        saved_at[0] = step
 
     if d.main and step == 0:
         log({'event': 'start', 'steps_per_epoch': spe, 'total_steps': total_steps, 'world_size': d.world_size,
@@ -721,6 +769,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         file_batches = iter(ImageNetBatches(data, cfg.data, plan=plan, start=step, stop=stop, rank=d.rank,
                                             world_size=d.world_size, device=device))
     raw.train()
+    stop_request = _StopRequest(announce=d.main)
+    stop_request.install()
     try:
         while step < total_steps:
             if cfg.run.max_steps is not None and step >= cfg.run.max_steps:
@@ -758,8 +808,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
                     accum[4] += outputs.labels.numel()
             step_loss /= accum_steps
 
-            finite = torch.isfinite(step_loss).to(torch.int32)
-            if not bool(_all_reduce(finite, d, dist.ReduceOp.MIN if d.enabled else None).item()):
+            # one reduction per step: any process's non-finite loss, and any process's Ctrl-C
+            flags = torch.stack([(~torch.isfinite(step_loss)).to(torch.int32),
+                                 torch.tensor(int(stop_request.requested), dtype=torch.int32, device=device)])
+            non_finite, stop_now = _all_reduce(flags, d, dist.ReduceOp.MAX if d.enabled else None).tolist()
+            if non_finite:
                 kept = f"the last good checkpoint is '{run_dir / 'last.pt'}' (step {saved_at[0]})" \
                     if saved_at[0] is not None else 'no checkpoint was written yet'
                 log({'event': 'diverged', 'step': step, 'epoch': epoch})
@@ -820,19 +873,25 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
                 save_checkpoint()
             elif cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
                 save_checkpoint()
+            if stop_now and step < total_steps:
+                status = 'interrupted'
+                break
     finally:
+        stop_request.uninstall()
         if progress is not None:
             progress.close()
         if file_batches is not None:
             file_batches.close()  # stops the data-loading workers
 
-    if status == 'stopped':
-        if step % spe:  # the epoch-end checkpoint already holds this step otherwise
+    if status in ('stopped', 'interrupted'):
+        if saved_at[0] != step:
             save_checkpoint()
-        log({'event': 'stopped', 'step': step, 'epoch': step / spe})
+        log({'event': status, 'step': step, 'epoch': step / spe})
     elif d.main and not already_exported:
         _export(eval_model, cfg, run_dir, {'final_metrics': last_eval, 'best_epoch': (best or {}).get('epoch')})
         log({'event': 'end', 'step': step, **last_eval})
     if d.enabled:
         dist.barrier()
+    if status == 'interrupted':
+        raise TrainingInterrupted(step, run_dir / 'last.pt')
     return {'status': status, 'step': step, 'epoch': step / spe, 'steps_per_epoch': spe, **last_eval}
