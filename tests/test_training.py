@@ -54,6 +54,11 @@ def test_config_rejects_bad_keys_types_and_values(tmp_path):
         config_from_dict({'objective': {'name': 'tradez'}})
     with pytest.raises(ConfigError, match="needs 'data.generated'"):
         config_from_dict({'data': {'generated_fraction': 0.5}})
+    with pytest.raises(ConfigError, match=r"'data.generated' \(ddpm.npz\) is set but 'data.generated_fraction' is 0"):
+        config_from_dict({'data': {'generated': 'ddpm.npz'}})
+    with pytest.raises(ConfigError, match=r"objective 'trades' with 'attack.eps' 0 attacks nothing: set attack.eps"):
+        config_from_dict({'objective': {'name': 'trades'}, 'attack': {'eps': 0}})
+    assert config_from_dict({'objective': {'name': 'clean'}, 'attack': {'eps': 0}}).attack.eps == 0
     with pytest.raises(ConfigError, match=r"'mart' does not use objective.label_smoothing \(it takes objective.beta\)"):
         config_from_dict({'objective': {'name': 'mart', 'label_smoothing': 0.1}})
     with pytest.raises(ConfigError, match="'pgd_at' does not use objective.beta, objective.clip_value"):
@@ -90,10 +95,32 @@ def test_config_files_inherit_and_take_overrides(tmp_path):
         .model.kwargs == {}
 
 
+def test_a_file_may_build_on_a_shipped_recipe_and_its_description_names_its_changes(tmp_path):
+    recipe = load_config('quick_cifar10')
+    mine = tmp_path / 'mine.yaml'
+    mine.write_text('base: quick_cifar10\noptim:\n  lr: 0.05\ndata:\n  root: /data\nattack:\n  eps: 4/255\n')
+    cfg = load_config(mine)
+    assert (cfg.optim.lr, cfg.data.root, cfg.attack.eps, cfg.model) == (0.05, '/data', 4 / 255, recipe.model)
+    # the base's description would pass the run off as the recipe's; a run-control key (data.root) changes nothing
+    assert cfg.description == f'{recipe.description} (with changes from mine.yaml: optim.lr, attack.eps)'
+    mine.write_text(f'base: quick_cifar10\ndata:\n  root: /data\noptim:\n  lr: {recipe.optim.lr}\n')
+    assert load_config(mine).description == recipe.description
+    mine.write_text('base: quick_cifar10\ndescription: my run\noptim:\n  lr: 0.05\n')
+    assert load_config(mine).description == 'my run'
+    mine.write_text('base: quick_cifar10\nmodel:\n  name: robust_resnet_a0\n  kwargs: {}\n')
+    assert load_config(mine).description == f'{recipe.description} (with changes from mine.yaml: model.name, ' \
+                                             f'model.kwargs)'
+    mine.write_text('base: no_such_recipe\n')
+    with pytest.raises(FileNotFoundError, match=r"names base 'no_such_recipe', but .* does not exist and no shipped "
+                                                r"recipe has that name \(quick_cifar10, rrn_a1_advanced"):
+        load_config(mine)
+
+
 def test_radii_take_fractions_and_a_linf_radius_above_one_is_refused(tmp_path):
     cfg = load_config('quick_cifar10', overrides=['attack.eps=8/255', 'attack.step_size=2/255',
-                                                  'eval.pgd_step_size=1/255'])
+                                                  'eval.pgd_step_size=1/255', 'attack.init_std=0.5/255'])
     assert (cfg.attack.eps, cfg.attack.step_size, cfg.eval.pgd_step_size) == (8 / 255, 2 / 255, 1 / 255)
+    assert cfg.attack.init_std == 0.5 / 255 and load_config('quick_cifar10').attack.init_std is None
     (tmp_path / 'r.yaml').write_text('base: ' + str(config_mod.resolve_config_path('quick_cifar10')) +
                                      '\nattack:\n  eps: 4/255\n  step_size: 1/255\n')
     cfg = load_config(tmp_path / 'r.yaml')
@@ -106,6 +133,8 @@ def test_radii_take_fractions_and_a_linf_radius_above_one_is_refused(tmp_path):
         load_config('quick_cifar10', overrides=['attack.step_size=2'])
     with pytest.raises(ConfigError, match=r"eval.pgd_step_size=2 is larger .* did you mean eval.pgd_step_size=2/255\?"):
         load_config('quick_cifar10', overrides=['eval.pgd_step_size=2'])
+    with pytest.raises(ConfigError, match=r"attack.init_std=2 is larger .* did you mean attack.init_std=2/255\?"):
+        load_config('quick_cifar10', overrides=['attack.init_std=2'])
     with pytest.raises(ConfigError, match="'attack.eps' must be a number or a fraction such as 8/255, got '8/x'"):
         load_config('quick_cifar10', overrides=['attack.eps=8/x'])
     with pytest.raises(ConfigError, match="'optim.lr' must be a number"):  # fractions are for the radii only

@@ -2,8 +2,9 @@
 
 A config file mirrors :class:`TrainConfig`: one mapping per section (``model``, ``data``,
 ``objective``, ``attack``, ``optim``, ``schedule``, ``ema``, ``eval``, ``run``). A file may name a
-``base:`` file (relative to itself) whose values it overrides. Unknown keys, wrong types and
-out-of-range values raise :class:`ConfigError` naming the key and the fix.
+``base:`` file (relative to itself) or shipped recipe (``base: rrn_a1_trades``) whose values it
+overrides; without a ``description`` of its own, the base's is kept with the keys the file changes named.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key and the fix.
 
 Example::
 
@@ -348,7 +349,7 @@ _NON_NEGATIVE = ('data.holdout', 'data.crop_padding', 'data.rotation', 'data.wor
 _POSITIVE = ('optim.lr', 'run.epochs', 'run.batch_size', 'eval.batch_size', 'eval.every', 'run.log_every',
              'data.image_size', 'run.grad_accum_steps')
 #: Radii and steps in pixel units: fractions such as 8/255 are read as numbers, and a Linf one above 1 is refused.
-_RADII = ('attack.eps', 'attack.step_size', 'eval.pgd_step_size')
+_RADII = ('attack.eps', 'attack.step_size', 'attack.init_std', 'eval.pgd_step_size')
 _PROBABILITIES = ('data.random_erasing', 'data.mixup_prob', 'data.mixup_switch_prob', 'schedule.warmup_start',
                   'objective.label_smoothing')
 #: Objectives whose losses accept the soft targets of mixup/CutMix (cross-entropy based).
@@ -485,6 +486,8 @@ def _validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"'{key}' must be > 0, got {flat[key]}.")
     from robust_resnets.attacks.spec import check_pixel_units
     for key in _RADII:
+        if flat[key] is None:  # attack.init_std: the attack's default
+            continue
         try:
             check_pixel_units(flat[key], norm=cfg.attack.norm, name=key)
         except ValueError as e:
@@ -506,6 +509,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"'data.generated_fraction' must be in [0, 1), got {cfg.data.generated_fraction}.")
     if cfg.data.generated_fraction > 0 and not cfg.data.generated:
         raise ConfigError("'data.generated_fraction' > 0 needs 'data.generated' (path of the .npz of extra images).")
+    if cfg.data.generated and cfg.data.generated_fraction == 0:
+        raise ConfigError(f"'data.generated' ({cfg.data.generated}) is set but 'data.generated_fraction' is 0, so no "
+                          f"batch would draw from it: set data.generated_fraction (the SCORE recipes: 0.7) or "
+                          f"leave data.generated out.")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"'ema.decay' must be in [0, 1), got {cfg.ema.decay}.")
     if not 0.0 < cfg.schedule.pct_start < 1.0:
@@ -522,6 +529,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"'objective.name': {e}") from None
     if objective.adversarial and cfg.attack.steps == 0 and not cfg.attack.random_start:
         raise ConfigError(f"objective '{objective.name}' needs an attack: set 'attack.steps' > 0.")
+    if objective.adversarial and cfg.attack.eps == 0:
+        raise ConfigError(f"objective '{objective.name}' with 'attack.eps' 0 attacks nothing: set attack.eps (e.g. "
+                          f"8/255) or train without an attack (objective.name: clean).")
     defaults = ObjectiveConfig()
     unused = [f'objective.{k}' for k in ('beta', 'label_smoothing', 'clip_value')
               if k not in objective.hyper_params and getattr(cfg.objective, k) != getattr(defaults, k)]
@@ -566,6 +576,9 @@ def _validate_data(cfg: TrainConfig) -> None:
         if name not in SOFT_TARGET_OBJECTIVES:
             raise ConfigError(f"Mixup/CutMix produce soft targets, which objective '{name}' cannot take; use one of "
                               f"{', '.join(SOFT_TARGET_OBJECTIVES)} or set data.mixup_alpha=0 and data.cutmix_alpha=0.")
+
+
+_MISSING = object()
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
@@ -659,7 +672,8 @@ def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[st
 
 def _refuse_kept_model_kwargs(before: Dict[str, Any], after: Dict[str, Any], keys: Sequence[str]) -> None:
     """Another ``model.name`` with the recipe's ``model.kwargs`` left in place would build the new architecture
-    with arguments written for the old one: the overrides must say which arguments to use."""
+    with arguments written for the old one: the overrides must say which arguments to use. (A file that names a
+    ``base:`` inherits them: the shipped ``*_advanced`` recipes share their base's activation that way.)"""
     old, new = (before.get('model') or {}), (after.get('model') or {})
     kwargs_set = any(k == 'model.kwargs' or k.startswith('model.kwargs.') for k in keys)
     if new.get('name') != old.get('name') and old.get('kwargs') and not kwargs_set:
@@ -699,12 +713,26 @@ def _load_yaml_tree(path: Path, seen: tuple = ()) -> Dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"Config '{path}' must be a mapping of sections (model, data, objective, ...).")
     base = values.pop('base', None)
-    if base is not None:
-        base_path = path.parent / base
-        if not base_path.is_file():
-            raise FileNotFoundError(f"Config '{path}' names base '{base}', but '{base_path}' does not exist.")
-        values = _merge(_load_yaml_tree(base_path, seen + (path,)), values)
-    return values
+    if base is None:
+        return values
+    base_path = path.parent / str(base)
+    if not base_path.is_file():
+        try:  # a shipped recipe's name
+            base_path = resolve_config_path(str(base))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Config '{path}' names base '{base}', but '{base_path}' does not exist and no "
+                                    f"shipped recipe has that name ({', '.join(list_builtin_configs())}).") from None
+    base_values = _load_yaml_tree(base_path, seen + (path,))
+    merged = _merge(base_values, values)
+    own = list(_flatten(values))
+    if 'description' not in values and base_values.get('description'):
+        # the base's description would pass this file's run off as the base's: name what the file changes
+        before, after = _flatten(base_values), _flatten(merged)
+        changed = [k for k in own if k not in RUN_CONTROL_KEYS and before.get(k, _MISSING) != after[k]]
+        if changed:
+            merged['description'] = f"{base_values['description']} (with changes from {path.name}: " \
+                                    f"{', '.join(changed)})"
+    return merged
 
 
 def load_config(path: Union[str, Path], *, overrides: Sequence[str] = ()) -> TrainConfig:
