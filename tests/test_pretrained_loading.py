@@ -455,3 +455,41 @@ def test_bad_download_is_refused_and_nothing_left(local_hub, mode, error, match)
     with pytest.raises(error, match=match):
         timm.create_model(NAME, pretrained=True)
     assert weight_files(cache) == []
+
+
+def test_an_untagged_file_builds_the_architecture_recorded_with_it(tmp_path, tiny_weights):
+    """Without a tag, pretrained_cfg_overlay=dict(file=...) builds what the file's metadata, or the training
+    export's config.json beside it, records; a contradicting argument or another architecture is refused."""
+    import json
+
+    _, sd = tiny_weights
+    export = tmp_path / 'run'
+    export.mkdir()
+    save_file(sd, str(export / 'model.safetensors'), metadata={'format': 'pt'})  # as the trainer exports
+    (export / 'config.json').write_text(json.dumps({'architecture': 'preact_resnet', 'num_classes': 10,
+                                                    'model_args': {**TINY, 'num_classes': 10}}))
+    overlay = dict(file=str(export / 'model.safetensors'))
+    model = timm.create_model('preact_resnet', pretrained=True, pretrained_cfg_overlay=overlay)
+    _assert_loaded(model, sd)
+    assert timm.create_model('preact_resnet', pretrained=True, pretrained_cfg_overlay=overlay, **TINY) is not None
+    # fine-tuning: a new head is the caller's to choose (timm drops the old one)
+    assert timm.create_model('preact_resnet', pretrained=True, pretrained_cfg_overlay=overlay,
+                             num_classes=3).num_classes == 3
+    with pytest.raises(ValueError, match=r"model.safetensors was trained as preact_resnet with depths=\[1, 1, 1\] "
+                                         r"\(says .*config.json\), which contradicts the depths=\[2, 2, 2\]"):
+        timm.create_model('preact_resnet', pretrained=True, pretrained_cfg_overlay=overlay, depths=[2, 2, 2])
+    with pytest.raises(ValueError, match=r"holds weights for 'preact_resnet' .*, not 'robust_resnet_a1'; create "
+                                         r"'preact_resnet' with it instead"):
+        timm.create_model('robust_resnet_a1', pretrained=True, pretrained_cfg_overlay=overlay)
+
+    # a converted file's metadata: an argument without parameters (the activation) is built as recorded too
+    converted = tmp_path / 'silu.safetensors'
+    save_file(sd, str(converted), metadata={'format': 'pt', 'architecture': 'preact_resnet',
+                                            'model_args': json.dumps({**TINY, 'activations': 'SiLU'})})
+    model = timm.create_model('preact_resnet', pretrained=True, pretrained_cfg_overlay=dict(file=str(converted)))
+    _assert_loaded(model, sd)
+    assert any(isinstance(m, torch.nn.SiLU) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+    with pytest.raises(FileNotFoundError, match='missing.safetensors does not exist'):
+        timm.create_model('preact_resnet', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'missing.safetensors')))

@@ -615,6 +615,15 @@ def test_export_loads_in_timm_and_fine_tunes_with_a_new_head(tmp_path):
     train(cfg, tmp_path / 'finetune', data=data)
     tuned = torch.load(tmp_path / 'finetune' / 'last.pt', weights_only=False)['model']
     assert tuned['head.fc.weight'].shape == (100, 64)
+    # without model.kwargs the architecture recorded beside the file is built, and exported again
+    bare = _cfg(model={'pretrained_file': str(run / 'model.safetensors'), 'kwargs': {}}, objective={'name': 'clean'},
+                run={'epochs': 1})
+    train(bare, tmp_path / 'finetune_bare', data=_data())
+    assert json.loads((tmp_path / 'finetune_bare' / 'config.json').read_text())['model_args'] == TINY['kwargs']
+    with pytest.raises(ValueError, match=r"was trained as preact_resnet with depths=\[1, 1, 1\] \(says .*config.json\), "
+                                         r"which contradicts the depths=\[2, 2, 2\]"):
+        train(_cfg(model={'pretrained_file': str(run / 'model.safetensors'), 'kwargs': {'depths': [2, 2, 2]}}),
+              tmp_path / 'finetune_other', data=_data())
     # a training state with the weights and their average: which to start from is not guessed
     ema_run = tmp_path / 'ema'
     train(_cfg(ema={'enabled': True}, run={'max_steps': 1}), ema_run, data=_data())

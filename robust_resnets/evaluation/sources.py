@@ -232,37 +232,12 @@ def _unknown_tag_message(name: str) -> str:
 
 
 def _beside_model_args(checkpoint: Path, arch: str) -> Dict[str, Any]:
-    """The model arguments a training run saved beside ``checkpoint`` when they describe ``arch``: the
-    ``model_args`` of its export's timm ``config.json``, else (a run still under way: ``last.pt``) the
-    ``model.kwargs`` of its ``train_config.yaml``. None found: no arguments."""
-    import json
+    """The model arguments recorded with ``checkpoint`` (its safetensors metadata, or a training run's
+    ``config.json`` or ``train_config.yaml`` beside it) when they describe ``arch``; else none."""
+    from robust_resnets.weights.pretrained import recorded_architecture
 
-    config, recipe = checkpoint.parent / 'config.json', checkpoint.parent / 'train_config.yaml'
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text(encoding='utf-8'))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"'{config}' beside the checkpoint is not readable JSON ({e}); fix or remove it.") from None
-        name, args = (data.get('architecture'), data.get('model_args')) if isinstance(data, dict) else (None, None)
-    elif recipe.is_file():
-        import yaml
-
-        try:
-            data = yaml.safe_load(recipe.read_text(encoding='utf-8'))
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"'{recipe}' beside the checkpoint is not readable YAML ({e}); fix or remove it.") from None
-        model = data.get('model') if isinstance(data, dict) else None
-        name, args = (model.get('name'), model.get('kwargs')) if isinstance(model, dict) else (None, None)
-        config = recipe
-    else:
-        return {}
-    if name != arch:
-        return {}
-    args = args or {}
-    if not isinstance(args, dict):
-        raise ValueError(f"'{config}' beside the checkpoint gives the model arguments {args!r}, not a mapping; fix or "
-                         f"remove it.")
-    return {k: v for k, v in args.items() if k != 'num_classes'}  # the class count is the dataset's
+    recorded = recorded_architecture(checkpoint)
+    return recorded[1] if recorded is not None and recorded[0] == arch else {}
 
 
 def _load_checkpoint(model: nn.Module, arch: str, path: Path, *, key: Optional[str] = None) -> None:

@@ -183,13 +183,13 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
     import robust_resnets  # noqa: F401  (registers the models)
 
-    kwargs = dict(cfg.model.kwargs)
+    if cfg.model.pretrained_file is not None and not Path(cfg.model.pretrained_file).is_file():
+        raise FileNotFoundError(f"model.pretrained_file '{cfg.model.pretrained_file}' does not exist.")
+    kwargs = _built_model_args(cfg) if '.' not in cfg.model.name else dict(cfg.model.kwargs)  # a tag: timm adds its own
     kwargs['num_classes'] = cfg.model.num_classes or num_classes
     pretrained = cfg.model.pretrained or cfg.model.pretrained_file is not None
     if cfg.model.pretrained_file is not None:
         path = Path(cfg.model.pretrained_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.pretrained_file '{path}' does not exist.")
         # a pickled training state is opened here once, so that which weights it holds is never guessed
         kwargs['pretrained_cfg_overlay'] = dict(file=str(path)) if path.suffix == '.safetensors' else \
             dict(state_dict=_unambiguous_state_dict(path))
@@ -437,11 +437,20 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 
 def _built_model_args(cfg: TrainConfig) -> Dict[str, Any]:
     """The arguments the run's model is built with beside its architecture: a manifest tag's ``model_args``
-    (``model.name`` may name a tag, whose architecture it builds), then ``model.kwargs``."""
+    (``model.name`` may name a tag, whose architecture it builds) or those recorded with an untagged
+    ``model.pretrained_file`` (checked against ``model.kwargs``), then ``model.kwargs``."""
     from robust_resnets.weights import get_manifest
+    from robust_resnets.weights.pretrained import recorded_model_args
 
-    entry = get_manifest().get(cfg.model.name) if '.' in cfg.model.name else None
-    return {**(dict(entry.model_args) if entry is not None else {}), **cfg.model.kwargs}
+    if '.' in cfg.model.name:
+        entry = get_manifest().get(cfg.model.name)
+        base = dict(entry.model_args) if entry is not None else {}
+    elif cfg.model.pretrained_file is not None:
+        base = recorded_model_args(Path(cfg.model.pretrained_file), architecture=cfg.model.name,
+                                   kwargs=cfg.model.kwargs)
+    else:
+        base = {}
+    return {**base, **cfg.model.kwargs}
 
 
 def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, Any]) -> None:

@@ -10,6 +10,9 @@ filter. timm itself never reaches the Hub, so this works with every timm >= 1.0.
 An overlay that names its own weights (``pretrained_cfg_overlay=dict(file=...)``, ``url=``, ``hf_hub_id=`` or
 ``state_dict=``) is loaded by timm instead, and the manifest's file is not fetched; the tag still gives the
 architecture's arguments. A local ``file`` must be a ``.safetensors`` made for the tag (its metadata is checked).
+Without a tag, a local ``file`` builds the architecture recorded with it (:func:`recorded_architecture`): its
+``model_args`` apply where the caller gives none, and a caller's argument or architecture that contradicts them
+is refused.
 """
 from __future__ import annotations
 
@@ -18,11 +21,11 @@ import json
 import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .manifest import PretrainedWeights, entries_for_architecture, get_manifest
 
-__all__ = ['resolve_pretrained_kwargs', 'check_weights_file', 'default_entry']
+__all__ = ['resolve_pretrained_kwargs', 'check_weights_file', 'default_entry', 'recorded_architecture']
 
 #: Overlay keys that name a weight source of the caller's own, in the order timm prefers them.
 _OWN_SOURCES = ('state_dict', 'file', 'hf_hub_id', 'url')
@@ -216,15 +219,110 @@ def _same_value(a: Any, b: Any) -> bool:
     return a == b
 
 
+#: Arguments a saved ``model_args`` may hold that describe the head, not the architecture: the caller's apply.
+_HEAD_ARGS = ('num_classes', 'global_pool')
+
+
+def recorded_architecture(path: Path) -> Optional[Tuple[str, Dict[str, Any], Path]]:
+    """The architecture and ``model_args`` a weights file was made for, as recorded with it.
+
+    Looked up in the file's safetensors metadata (``robust-resnets convert`` writes them), else in the timm
+    ``config.json`` beside it (a training run's export, a Hub snapshot), else in the ``train_config.yaml``
+    beside it (a training run's ``last.pt``/``best.pt`` before its export).
+
+    Returns:
+        (architecture, model_args without the head's arguments, the file that says so), or None when nothing
+        is recorded.
+
+    Raises:
+        ValueError: The record beside the file is unreadable.
+    """
+    if path.suffix == '.safetensors' and path.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError):
+            meta = {}  # not readable: timm's loader says so
+        if meta.get('architecture'):
+            try:
+                args = json.loads(meta.get('model_args') or '{}')
+            except ValueError:
+                raise ValueError(f"{path}: its metadata's model_args is not JSON ({meta['model_args']!r}); "
+                                 f"re-convert it with `robust-resnets convert`.") from None
+            return _architecture_record(meta['architecture'], args, path)
+    config, recipe = path.parent / 'config.json', path.parent / 'train_config.yaml'
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding='utf-8'))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"'{config}' beside the weights is not readable JSON ({e}); fix or remove it.") from None
+        arch, args = (data.get('architecture'), data.get('model_args')) if isinstance(data, dict) else (None, None)
+        return _architecture_record(arch, args, config)
+    if recipe.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(recipe.read_text(encoding='utf-8'))
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"'{recipe}' beside the weights is not readable YAML ({e}); fix or remove it.") from None
+        model = data.get('model') if isinstance(data, dict) else None
+        arch, args = (model.get('name'), model.get('kwargs')) if isinstance(model, dict) else (None, None)
+        return _architecture_record(arch.split('.', 1)[0] if isinstance(arch, str) else arch, args, recipe)
+    return None
+
+
+def _architecture_record(arch: Any, args: Any, where: Path) -> Optional[Tuple[str, Dict[str, Any], Path]]:
+    if not isinstance(arch, str) or not arch:
+        return None
+    args = args or {}
+    if not isinstance(args, Mapping):
+        raise ValueError(f"'{where}' gives the model arguments {args!r}, not a mapping; fix or remove it.")
+    return arch, {k: v for k, v in args.items() if k not in _HEAD_ARGS}, where
+
+
+def recorded_model_args(path: Path, *, architecture: str, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """The ``model_args`` recorded with a weights file (:func:`recorded_architecture`; none when nothing is
+    recorded), checked against the ``architecture`` and build ``kwargs`` it is about to be loaded into.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The file was made for another architecture, or a build argument contradicts a recorded one.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f'Pretrained file {path} does not exist; check its path.')
+    recorded = recorded_architecture(path)
+    if recorded is None:
+        return {}
+    arch, args, where = recorded
+    if arch != architecture:
+        raise ValueError(f"{path} holds weights for '{arch}' (says {where}), not '{architecture}'; create '{arch}' "
+                         f"with it instead.")
+    clash = _clash(args, kwargs)
+    if clash:
+        raise ValueError(f'{path} was trained as {architecture} with {clash[0]} (says {where}), which contradicts the '
+                         f'{clash[1]} it would be built with here. Drop or change the argument, or pick the weights '
+                         f'made for it.')
+    return args
+
+
+def _clash(trained: Mapping[str, Any], given: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
+    """The arguments of ``given`` that contradict those a checkpoint was ``trained`` with, as 'k=v' lists
+    (trained, given); None when all agree."""
+    keys = [k for k, v in trained.items() if k in given and not _same_value(given[k], v)]
+    if not keys:
+        return None
+    return ', '.join(f'{k}={trained[k]!r}' for k in keys), ', '.join(f'{k}={given[k]!r}' for k in keys)
+
+
 def _check_caller_args(weights: PretrainedWeights, tag_args: Mapping[str, Any], caller: Mapping[str, Any]) -> None:
     """Refuses a caller's argument that contradicts the architecture a tag was trained with (its entry point's
     arguments and the tag's ``model_args``)."""
-    clash = {k: caller[k] for k, v in tag_args.items() if k in caller and not _same_value(caller[k], v)}
+    clash = _clash(tag_args, caller)
     if clash:
-        theirs = ', '.join(f'{k}={tag_args[k]!r}' for k in clash)
-        yours = ', '.join(f'{k}={v!r}' for k, v in clash.items())
-        raise ValueError(f"'{weights.name}' builds the architecture its checkpoint was trained with ({theirs}), "
-                         f'which contradicts your {yours}. Drop the argument, or create '
+        raise ValueError(f"'{weights.name}' builds the architecture its checkpoint was trained with ({clash[0]}), "
+                         f'which contradicts your {clash[1]}. Drop the argument, or create '
                          f"'{weights.architecture}' without a tag to build your own variant.")
 
 
@@ -241,8 +339,11 @@ def _resolve(variant: str, pretrained: bool, caller: Dict[str, Any], arch_args: 
     if tag is None:
         if not pretrained:
             return kwargs
-        if _own_source(kwargs.get('pretrained_cfg_overlay') or {}):
-            return kwargs  # the caller's own weights (a training run's export, a fine-tune): no manifest entry
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        if _own_source(overlay) == 'file':  # the caller's own file: built as recorded with it
+            return {**kwargs, **recorded_model_args(Path(overlay['file']), architecture=variant, kwargs=kwargs)}
+        if _own_source(overlay):
+            return kwargs  # the caller's own weights (a fine-tune, a download): no manifest entry
         weights = default_entry(variant)
         if weights is None:
             return kwargs
