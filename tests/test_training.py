@@ -95,7 +95,7 @@ def test_config_files_inherit_and_take_overrides(tmp_path):
         .model.kwargs == {}
 
 
-def test_a_file_may_build_on_a_shipped_recipe_and_its_description_names_its_changes(tmp_path):
+def test_a_file_may_build_on_a_shipped_recipe_and_its_description_names_its_changes(tmp_path, monkeypatch):
     recipe = load_config('quick_cifar10')
     mine = tmp_path / 'mine.yaml'
     mine.write_text('base: quick_cifar10\noptim:\n  lr: 0.05\ndata:\n  root: /data\nattack:\n  eps: 4/255\n')
@@ -103,13 +103,25 @@ def test_a_file_may_build_on_a_shipped_recipe_and_its_description_names_its_chan
     assert (cfg.optim.lr, cfg.data.root, cfg.attack.eps, cfg.model) == (0.05, '/data', 4 / 255, recipe.model)
     # the base's description would pass the run off as the recipe's; a run-control key (data.root) changes nothing
     assert cfg.description == f'{recipe.description} (with changes from mine.yaml: optim.lr, attack.eps)'
-    mine.write_text(f'base: quick_cifar10\ndata:\n  root: /data\noptim:\n  lr: {recipe.optim.lr}\n')
+    # values the recipe has already (a default written out, a radius as a decimal) change nothing
+    mine.write_text(f'base: quick_cifar10\ndata:\n  root: /data\noptim:\n  lr: {recipe.optim.lr}\nrun:\n  seed: 0\n'
+                    f'attack:\n  eps: {recipe.attack.eps!r}\n')
     assert load_config(mine).description == recipe.description
     mine.write_text('base: quick_cifar10\ndescription: my run\noptim:\n  lr: 0.05\n')
     assert load_config(mine).description == 'my run'
     mine.write_text('base: quick_cifar10\nmodel:\n  name: robust_resnet_a0\n  kwargs: {}\n')
     assert load_config(mine).description == f'{recipe.description} (with changes from mine.yaml: model.name, ' \
                                              f'model.kwargs)'
+    # a base path that is not beside the file is not looked for in the working directory
+    (tmp_path / 'cwd' / 'sub').mkdir(parents=True)
+    (tmp_path / 'cwd' / 'sub' / 'other.yaml').write_text('optim:\n  lr: 0.5\n')
+    (tmp_path / 'cwd' / 'quick_cifar10.yaml').write_text('optim:\n  lr: 0.5\n')
+    monkeypatch.chdir(tmp_path / 'cwd')
+    mine.write_text('base: sub/other.yaml\n')
+    with pytest.raises(FileNotFoundError, match="names base 'sub/other.yaml'"):
+        load_config(mine)
+    mine.write_text('base: quick_cifar10.yaml\n')  # the shipped one, not the working directory's
+    assert load_config(mine).optim.lr == recipe.optim.lr
     mine.write_text('base: no_such_recipe\n')
     with pytest.raises(FileNotFoundError, match=r"names base 'no_such_recipe', but .* does not exist and no shipped "
                                                 r"recipe has that name \(quick_cifar10, rrn_a1_advanced"):
@@ -135,6 +147,8 @@ def test_radii_take_fractions_and_a_linf_radius_above_one_is_refused(tmp_path):
         load_config('quick_cifar10', overrides=['eval.pgd_step_size=2'])
     with pytest.raises(ConfigError, match=r"attack.init_std=2 is larger .* did you mean attack.init_std=2/255\?"):
         load_config('quick_cifar10', overrides=['attack.init_std=2'])
+    with pytest.raises(ConfigError, match="'attack.init_std' must be a number or a fraction such as 8/255, got '2/x'"):
+        load_config('quick_cifar10', overrides=['attack.init_std=2/x'])
     with pytest.raises(ConfigError, match="'attack.eps' must be a number or a fraction such as 8/255, got '8/x'"):
         load_config('quick_cifar10', overrides=['attack.eps=8/x'])
     with pytest.raises(ConfigError, match="'optim.lr' must be a number"):  # fractions are for the radii only
@@ -464,19 +478,33 @@ def test_kill_and_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
 def test_ctrl_c_saves_the_current_step_and_resume_gives_the_straight_run(tmp_path, monkeypatch):
     import robust_resnets.attacks.pgd as pgd_mod
     from robust_resnets.training.trainer import TrainingInterrupted, _StopRequest, train
+    import robust_resnets.training.trainer as trainer_mod
     data = _data(n_generated=20)
-    train(_resume_cfg(), tmp_path / 'straight', data=data)
-    # Ctrl-C in the second step's attack: that step is finished, saved, and the run stops
-    monkeypatch.setattr(pgd_mod, 'pgd_attack', _sigint_on_call(pgd_mod.pgd_attack, 2))
+    # two passes a step: a resumed run with gradient accumulation is exact too
+    cfg = _resume_cfg(grad_accum_steps=2)
+    train(cfg, tmp_path / 'straight', data=data)
+    # Ctrl-C in the second step's attacks: that step is finished, saved, and the run stops
+    monkeypatch.setattr(pgd_mod, 'pgd_attack', _sigint_on_call(pgd_mod.pgd_attack, 3))
     with pytest.raises(TrainingInterrupted) as stopped:
-        train(_resume_cfg(), tmp_path / 'killed', data=data)
+        train(cfg, tmp_path / 'killed', data=data)
     assert stopped.value.step == 2 and stopped.value.checkpoint == tmp_path / 'killed' / 'last.pt'
     assert torch.load(stopped.value.checkpoint, weights_only=False)['step'] == 2  # mid-epoch (3 steps an epoch)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
     monkeypatch.undo()
-    train(_resume_cfg(), tmp_path / 'killed', data=data, resume=True)
+    train(cfg, tmp_path / 'killed', data=data, resume=True)
     a, b = (_weights(tmp_path / run / 'model.safetensors') for run in ('straight', 'killed'))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # Ctrl-C during the epoch-end evaluation: the run stops on the epoch's checkpoint, without another step
+    monkeypatch.setattr(trainer_mod, 'evaluate', _sigint_on_call(trainer_mod.evaluate, 1))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(cfg, tmp_path / 'at_epoch_end', data=data)
+    assert stopped.value.step == 3
+    monkeypatch.undo()
+    # on the step that run.max_steps stops at, the run stops as asked ('stopped'), with no Ctrl-C error
+    monkeypatch.setattr(pgd_mod, 'pgd_attack', _sigint_on_call(pgd_mod.pgd_attack, 1))
+    assert train(_resume_cfg(max_steps=1), tmp_path / 'max_steps', data=data)['status'] == 'stopped'
+    monkeypatch.undo()
 
     # a second Ctrl-C stops at once, unless it comes within a second (torchrun passes the first one on)
     clock = iter([100.0, 100.5, 102.0])
@@ -487,6 +515,11 @@ def test_ctrl_c_saves_the_current_step_and_resume_gives_the_straight_run(tmp_pat
     assert request.requested
     with pytest.raises(KeyboardInterrupt):
         request(signal.SIGINT, None)
+    # a data-loading worker forked from the run inherits the handler and leaves the stopping to the run
+    worker = _StopRequest(announce=True)
+    monkeypatch.setattr('os.getpid', lambda: -1)
+    worker(signal.SIGINT, None)
+    assert not worker.requested
 
 
 def test_resume_and_run_directory_errors(tmp_path):
@@ -581,6 +614,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert not (tmp_path / 'run' / 'model.safetensors').exists()
     events = [json.loads(x).get('event') for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
     assert events[-1] == 'diverged'
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again after an error
 
 
 def test_export_loads_in_timm_and_fine_tunes_with_a_new_head(tmp_path):
@@ -656,10 +690,11 @@ def _ddp_resume_worker(rank, port, cfg_dict, data, out):
     train(cfg, f'{out}/straight', data=data)
     train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=3)), f'{out}/killed', data=data)
     train(cfg, f'{out}/killed', data=data, resume=True)
-    # Ctrl-C seen by one process only (in its third step's attack): both stop after that step and save it
+    # Ctrl-C seen by one process only, in its third step's attack (its fourth call: the epoch-end evaluation
+    # attacks too): both stop after that step and save it
     import robust_resnets.attacks.pgd as pgd_mod
     attack = pgd_mod.pgd_attack
-    pgd_mod.pgd_attack = _sigint_on_call(attack, 3 if rank == 1 else None)
+    pgd_mod.pgd_attack = _sigint_on_call(attack, 4 if rank == 1 else None)
     try:
         train(cfg, f'{out}/interrupted', data=data)
         raise AssertionError('Ctrl-C did not stop the run')

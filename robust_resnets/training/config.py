@@ -398,6 +398,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError:
                 pass
+        if key in _RADII and isinstance(value, str):  # 'attack.init_std': say that fractions are taken
+            _fraction(value, key)
         raise ConfigError(f"'{key}' must be {_describe(tp)}, got {value!r}.")
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
@@ -689,14 +691,32 @@ def list_builtin_configs() -> List[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith('.yaml') and not p.name.startswith('_'))
 
 
+def _shipped_recipe(name: str) -> Optional[Path]:
+    """The shipped recipe file a bare name ('rrn_a1_trades' or 'rrn_a1_trades.yaml') names, else None."""
+    path = Path(name)
+    if len(path.parts) != 1:
+        return None
+    file = path.name if path.suffix in ('.yaml', '.yml') else f'{path.name}.yaml'
+    builtin = Path(str(importlib.resources.files('robust_resnets.training') / 'configs' / file))
+    return builtin if builtin.is_file() else None
+
+
+def _validated_flat(values: Dict[str, Any]) -> Dict[str, Any]:
+    """The flattened values of a complete config, validated (defaults filled in); a partial one's values as they
+    are written."""
+    try:
+        return _flatten(config_to_dict(config_from_dict(values)))
+    except ConfigError:
+        return _flatten(values)
+
+
 def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
     """A config file path, or the name of a shipped recipe ('rrn_a1_trades' or 'rrn_a1_trades.yaml')."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    name = path.name if path.suffix in ('.yaml', '.yml') else f'{path.name}.yaml'
-    builtin = Path(str(importlib.resources.files('robust_resnets.training') / 'configs' / name))
-    if len(path.parts) == 1 and builtin.is_file():
+    builtin = _shipped_recipe(str(name_or_path))
+    if builtin is not None:
         return builtin
     raise FileNotFoundError(f"Config '{name_or_path}' is neither a file nor a shipped recipe. Shipped recipes: "
                             f"{', '.join(list_builtin_configs())}.")
@@ -717,18 +737,19 @@ def _load_yaml_tree(path: Path, seen: tuple = ()) -> Dict[str, Any]:
         return values
     base_path = path.parent / str(base)
     if not base_path.is_file():
-        try:  # a shipped recipe's name
-            base_path = resolve_config_path(str(base))
-        except FileNotFoundError:
+        shipped = _shipped_recipe(str(base))
+        if shipped is None:
             raise FileNotFoundError(f"Config '{path}' names base '{base}', but '{base_path}' does not exist and no "
-                                    f"shipped recipe has that name ({', '.join(list_builtin_configs())}).") from None
+                                    f"shipped recipe has that name ({', '.join(list_builtin_configs())}).")
+        base_path = shipped
     base_values = _load_yaml_tree(base_path, seen + (path,))
     merged = _merge(base_values, values)
     own = list(_flatten(values))
     if 'description' not in values and base_values.get('description'):
-        # the base's description would pass this file's run off as the base's: name what the file changes
-        before, after = _flatten(base_values), _flatten(merged)
-        changed = [k for k in own if k not in RUN_CONTROL_KEYS and before.get(k, _MISSING) != after[k]]
+        # the base's description would pass this file's run off as the base's: name what the file changes,
+        # compared as validated values (a default written out, or 8/255 as a decimal, changes nothing)
+        before, after = _validated_flat(base_values), _validated_flat(merged)
+        changed = [k for k in own if k not in RUN_CONTROL_KEYS and before.get(k, _MISSING) != after.get(k)]
         if changed:
             merged['description'] = f"{base_values['description']} (with changes from {path.name}: " \
                                     f"{', '.join(changed)})"

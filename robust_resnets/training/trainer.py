@@ -76,15 +76,23 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class _StopRequest:
     """A SIGINT handler: the first Ctrl-C asks the run to stop after its current step; one more, at least a
-    second later, stops at once (torchrun passes a Ctrl-C on to its workers, who then see two at once)."""
+    second later, stops at once (a launcher that passes a Ctrl-C on to processes that also got it from the
+    terminal delivers two at once). torchrun passes one on to its workers, and kills them after its
+    ``--shutdown-timeout`` (30 s); a second Ctrl-C makes it end them at once itself.
+
+    Data-loading worker processes forked while it is installed inherit it and ignore Ctrl-C: the run stops them.
+    """
 
     def __init__(self, *, announce: bool) -> None:
         self.requested = False
         self._first: Optional[float] = None
         self._announce = announce
         self._installed = False
+        self._pid = os.getpid()
 
     def __call__(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked data-loading worker
+            return
         now = time.monotonic()
         if self._first is None:
             self._first, self.requested = now, True
@@ -788,9 +796,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
             epoch = step // spe
             # every step's randomness derives from (seed, step, rank): resumes exactly from the step counter
             torch.manual_seed(derive_seed(cfg.run.seed, step, d.rank))
-            if cfg.run.bn_momentum is not None:
-                for m in bns:
-                    m.momentum = 1.0 if step == 0 else cfg.run.bn_momentum
             batch = plan.step(step, rank=d.rank, world_size=d.world_size)
             if file_batches is not None:
                 x_rank, y_rank = next(file_batches)
@@ -802,6 +807,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for micro in range(accum_steps):
                 part = slice(micro * micro_batch, (micro + 1) * micro_batch)
+                if cfg.run.bn_momentum is not None:
+                    # the first step's passes average into the running statistics (1, 1/2, 1/3, ...)
+                    for m in bns:
+                        m.momentum = 1.0 / (micro + 1) if step == 0 else cfg.run.bn_momentum
                 last_pass = micro == accum_steps - 1
                 # gradients add up locally; DDP reduces them over the processes in the step's last pass
                 with ddp.no_sync() if ddp is not None and not last_pass else contextlib.nullcontext():
@@ -880,9 +889,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
                     progress.write(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                             for k, v in record.items()))
                 save_checkpoint()
+                # a Ctrl-C during the evaluation or the save stops here, on the checkpoint just written, not a
+                # step later (under torchrun the processes have 30 s before they are killed); all are here
+                if not stop_now:
+                    stop_now = _all_reduce(torch.tensor(int(stop_request.requested), dtype=torch.int32, device=device),
+                                           d, dist.ReduceOp.MAX if d.enabled else None).item()
             elif cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
                 save_checkpoint()
-            if stop_now and step < total_steps:
+            if stop_now and step < total_steps and (cfg.run.max_steps is None or step < cfg.run.max_steps):
                 status = 'interrupted'
                 break
     finally:
