@@ -673,9 +673,26 @@ def _ddp_worker(rank, port, runs, data):
                       WORLD_SIZE='2')
     torch.set_num_threads(1)
     torch.distributed.init_process_group('gloo')
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from robust_resnets.training.trainer import train
+
+    class CountingDDP(torch.nn.parallel.DistributedDataParallel):  # counts the gradient reductions
+        calls = 0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+            def hook(state, bucket):
+                CountingDDP.calls += 1
+                return allreduce_hook(state, bucket)
+            self.register_comm_hook(None, hook)
+
+    torch.nn.parallel.DistributedDataParallel = CountingDDP
     for cfg_dict, out in runs:
+        CountingDDP.calls = 0
         train(config_from_dict(cfg_dict), out, data=data)
+        if rank == 0:
+            (Path(out) / 'gradient_reductions.txt').write_text(str(CountingDDP.calls))
     torch.distributed.destroy_process_group()
 
 
@@ -750,6 +767,9 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch_also_with_
         _assert_same_update(torch.load(tmp_path / run / 'last.pt', weights_only=False), single, cfg)
     log = [json.loads(x) for x in (tmp_path / 'ddp_accum' / 'metrics.jsonl').read_text().splitlines()]
     assert log[0]['world_size'] == 2 and log[0]['grad_accum_steps'] == 2
+    # the passes before a step's last one keep their gradients local: as many reductions as without accumulation
+    reductions = [int((tmp_path / run / 'gradient_reductions.txt').read_text()) for run in ('ddp', 'ddp_accum')]
+    assert reductions[0] == reductions[1] > 0
 
 
 def _assert_same_update(other, single, cfg):
