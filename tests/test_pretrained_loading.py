@@ -476,7 +476,7 @@ def test_an_untagged_file_builds_the_architecture_recorded_with_it(tmp_path, tin
     assert timm.create_model('preact_resnet', pretrained=True, pretrained_cfg_overlay=overlay,
                              num_classes=3).num_classes == 3
     with pytest.raises(ValueError, match=r"model.safetensors was trained as preact_resnet with depths=\[1, 1, 1\] "
-                                         r"\(says .*config.json\), which contradicts the depths=\[2, 2, 2\]"):
+                                         r"\(says .*config.json\), which contradicts your depths=\[2, 2, 2\]"):
         timm.create_model('preact_resnet', pretrained=True, pretrained_cfg_overlay=overlay, depths=[2, 2, 2])
     with pytest.raises(ValueError, match=r"holds weights for 'preact_resnet' .*, not 'robust_resnet_a1'; create "
                                          r"'preact_resnet' with it instead"):
@@ -493,3 +493,48 @@ def test_an_untagged_file_builds_the_architecture_recorded_with_it(tmp_path, tin
     with pytest.raises(FileNotFoundError, match='missing.safetensors does not exist'):
         timm.create_model('preact_resnet', pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / 'missing.safetensors')))
+
+
+def test_recorded_arguments_override_the_entry_points_and_adapt_to_the_callers_input(tmp_path):
+    """An entry point's own arguments (wrn_28_10's depths and widths) give way to the recorded ones, as to a
+    tag's; the caller's in_chans / img_size (and input statistics at another channel count) apply over them."""
+    import json
+
+    from robust_resnets.weights.pretrained import recorded_architecture, recorded_model_args
+
+    cifar100 = dict(input_mean=[0.5071, 0.4865, 0.4409], input_std=[0.2673, 0.2564, 0.2762])
+    args = dict(TINY, **cifar100)
+    torch.manual_seed(0)
+    sd = timm.create_model('wrn_28_10', num_classes=100, **args).state_dict()
+    path = tmp_path / 'wrn.safetensors'
+    save_file(sd, str(path), metadata={'format': 'pt', 'architecture': 'wrn_28_10', 'num_classes': '100',
+                                       'model_args': json.dumps(args)})
+    # the file's 100-class head is loaded, asked for or not
+    for classes in ({'num_classes': 100}, {}):
+        model = timm.create_model('wrn_28_10', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **classes)
+        _assert_loaded(model, sd)
+    # another class count: a fresh head on the file's body
+    tuned = timm.create_model('wrn_28_10', pretrained=True, num_classes=7, pretrained_cfg_overlay=dict(file=str(path)))
+    assert tuned.num_classes == 7 and torch.equal(tuned.stem.weight, sd['stem.weight'])
+    assert [len(s.blocks) for s in model.stages] == [1, 1, 1]
+    # a one-channel fine-tune with its own statistics: timm folds the first conv, as with a tag
+    gray = timm.create_model('wrn_28_10', pretrained=True, num_classes=100, in_chans=1, input_mean=(0.5,),
+                             input_std=(0.5,), pretrained_cfg_overlay=dict(file=str(path)))
+    assert gray.stem.weight.shape[1] == 1 and gray(torch.rand(1, 1, 32, 32)).shape == (1, 100)
+    # timm adapts a position embedding to another image size: the caller's applies, not a contradiction
+    (tmp_path / 'vit').mkdir()
+    (tmp_path / 'vit' / 'config.json').write_text(json.dumps(
+        {'architecture': 'vit_s_convstem', 'model_args': {'img_size': [64, 64], 'in_chans': 3, 'depth': 2}}))
+    assert recorded_model_args(tmp_path / 'vit' / 'config.json', architecture='vit_s_convstem',
+                               kwargs={'img_size': 96}) == {'in_chans': 3, 'depth': 2}
+    with pytest.raises(ValueError, match=r"with depth=2 \(says .*\), which contradicts your depth=3"):
+        recorded_model_args(tmp_path / 'vit' / 'config.json', architecture='vit_s_convstem', kwargs={'depth': 3})
+
+    # a run's train_config.yaml that names a tag records the tag's arguments too
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'train_config.yaml').write_text(
+        'model:\n  name: preact_resnet.cifar10_trades_d5_5_2_w10_10_10\n  kwargs:\n    drop_rate: 0.1\n')
+    (tmp_path / 'run' / 'last.pt').write_bytes(b'')
+    arch, recorded, classes, where = recorded_architecture(tmp_path / 'run' / 'last.pt')
+    assert (arch, classes, where.name) == ('preact_resnet', None, 'train_config.yaml')
+    assert recorded == {'depths': [5, 5, 2], 'widths': [10, 10, 10], 'block_types': 'basic', 'drop_rate': 0.1}

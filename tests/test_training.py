@@ -655,7 +655,7 @@ def test_export_loads_in_timm_and_fine_tunes_with_a_new_head(tmp_path):
     train(bare, tmp_path / 'finetune_bare', data=_data())
     assert json.loads((tmp_path / 'finetune_bare' / 'config.json').read_text())['model_args'] == TINY['kwargs']
     with pytest.raises(ValueError, match=r"was trained as preact_resnet with depths=\[1, 1, 1\] \(says .*config.json\), "
-                                         r"which contradicts the depths=\[2, 2, 2\]"):
+                                         r"which contradicts your depths=\[2, 2, 2\]"):
         train(_cfg(model={'pretrained_file': str(run / 'model.safetensors'), 'kwargs': {'depths': [2, 2, 2]}}),
               tmp_path / 'finetune_other', data=_data())
     # a training state with the weights and their average: which to start from is not guessed

@@ -237,7 +237,7 @@ def _beside_model_args(checkpoint: Path, arch: str) -> Dict[str, Any]:
     from robust_resnets.weights.pretrained import recorded_architecture
 
     recorded = recorded_architecture(checkpoint)
-    return recorded[1] if recorded is not None and recorded[0] == arch else {}
+    return recorded.model_args if recorded is not None and recorded.architecture == arch else {}
 
 
 def _load_checkpoint(model: nn.Module, arch: str, path: Path, *, key: Optional[str] = None) -> None:

@@ -186,14 +186,15 @@ def _broadcast_object(obj: Any, d: _Dist) -> Any:
 
 
 # --- model, optimiser, schedule, averaging -------------------------------------------------------------
-def _create_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def _create_model(cfg: TrainConfig, num_classes: int, model_args: Dict[str, Any]) -> nn.Module:
+    """The run's model, built with ``model_args`` (:func:`_built_model_args`) and its starting weights."""
     import timm
 
     import robust_resnets  # noqa: F401  (registers the models)
 
     if cfg.model.pretrained_file is not None and not Path(cfg.model.pretrained_file).is_file():
         raise FileNotFoundError(f"model.pretrained_file '{cfg.model.pretrained_file}' does not exist.")
-    kwargs = _built_model_args(cfg) if '.' not in cfg.model.name else dict(cfg.model.kwargs)  # a tag: timm adds its own
+    kwargs = dict(model_args) if '.' not in cfg.model.name else dict(cfg.model.kwargs)  # a tag: timm adds its own
     kwargs['num_classes'] = cfg.model.num_classes or num_classes
     pretrained = cfg.model.pretrained or cfg.model.pretrained_file is not None
     if cfg.model.pretrained_file is not None:
@@ -461,7 +462,8 @@ def _built_model_args(cfg: TrainConfig) -> Dict[str, Any]:
     return {**base, **cfg.model.kwargs}
 
 
-def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, Any]) -> None:
+def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, model_args: Dict[str, Any],
+            extra: Dict[str, Any]) -> None:
     """Writes timm's ``config.json``, then ``model.safetensors``, into the run directory (each atomically).
 
     ``model.safetensors`` comes last: its presence marks a finished export.
@@ -470,7 +472,6 @@ def _export(model: nn.Module, cfg: TrainConfig, run_dir: Path, extra: Dict[str, 
 
     from robust_resnets.weights.convert import save_safetensors
 
-    model_args = _built_model_args(cfg)
     training = {'recipe': cfg.description, 'objective': cfg.objective.name, 'epochs': cfg.run.epochs,
                 'threat_model': {'norm': cfg.attack.norm, 'eps': cfg.attack.eps},
                 'dataset': cfg.data.dataset, 'ema': cfg.ema.enabled, **extra}
@@ -653,7 +654,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         hyper['label_smoothing'] = 0.0  # the mixed targets carry it
 
     torch.manual_seed(cfg.run.seed)
-    raw = _create_model(cfg, data.num_classes).to(device)
+    model_args = _built_model_args(cfg)  # once: the export records what was built
+    raw = _create_model(cfg, data.num_classes, model_args).to(device)
     if channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(raw, cfg)
@@ -911,7 +913,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
             save_checkpoint()
         log({'event': status, 'step': step, 'epoch': step / spe})
     elif d.main and not already_exported:
-        _export(eval_model, cfg, run_dir, {'final_metrics': last_eval, 'best_epoch': (best or {}).get('epoch')})
+        _export(eval_model, cfg, run_dir, model_args,
+                {'final_metrics': last_eval, 'best_epoch': (best or {}).get('epoch')})
         log({'event': 'end', 'step': step, **last_eval})
     if d.enabled:
         dist.barrier()

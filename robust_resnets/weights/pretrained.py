@@ -21,11 +21,12 @@ import json
 import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 from .manifest import PretrainedWeights, entries_for_architecture, get_manifest
 
-__all__ = ['resolve_pretrained_kwargs', 'check_weights_file', 'default_entry', 'recorded_architecture']
+__all__ = ['resolve_pretrained_kwargs', 'check_weights_file', 'default_entry', 'recorded_architecture',
+           'recorded_model_args', 'RecordedArchitecture']
 
 #: Overlay keys that name a weight source of the caller's own, in the order timm prefers them.
 _OWN_SOURCES = ('state_dict', 'file', 'hf_hub_id', 'url')
@@ -221,22 +222,34 @@ def _same_value(a: Any, b: Any) -> bool:
 
 #: Arguments a saved ``model_args`` may hold that describe the head, not the architecture: the caller's apply.
 _HEAD_ARGS = ('num_classes', 'global_pool')
+#: Recorded arguments that timm adapts the weights to (first conv, position embedding): a caller's value applies.
+_ADAPTED_ARGS = ('in_chans', 'img_size')
 
 
-def recorded_architecture(path: Path) -> Optional[Tuple[str, Dict[str, Any], Path]]:
+class RecordedArchitecture(NamedTuple):
+    """What a weights file was made for, as recorded with it."""
+
+    architecture: str
+    model_args: Dict[str, Any]  # without the head's arguments
+    num_classes: Optional[int]
+    source: Path  # the file that says so
+
+
+def recorded_architecture(path: Path) -> Optional[RecordedArchitecture]:
     """The architecture and ``model_args`` a weights file was made for, as recorded with it.
 
     Looked up in the file's safetensors metadata (``robust-resnets convert`` writes them), else in the timm
     ``config.json`` beside it (a training run's export, a Hub snapshot), else in the ``train_config.yaml``
-    beside it (a training run's ``last.pt``/``best.pt`` before its export).
+    beside it (a training run's ``last.pt``/``best.pt`` before its export; a tag it names adds the tag's
+    ``model_args``).
 
     Returns:
-        (architecture, model_args without the head's arguments, the file that says so), or None when nothing
-        is recorded.
+        The record, or None when nothing is recorded.
 
     Raises:
-        ValueError: The record beside the file is unreadable.
+        ValueError: The record is unreadable.
     """
+    meta_arch = None
     if path.suffix == '.safetensors' and path.is_file():
         from safetensors import SafetensorError, safe_open
 
@@ -245,22 +258,25 @@ def recorded_architecture(path: Path) -> Optional[Tuple[str, Dict[str, Any], Pat
                 meta = f.metadata() or {}
         except (SafetensorError, OSError):
             meta = {}  # not readable: timm's loader says so
-        if meta.get('architecture'):
+        meta_arch = meta.get('architecture') or None
+        if meta_arch and meta.get('model_args') is not None:
             try:
-                args = json.loads(meta.get('model_args') or '{}')
+                args = json.loads(meta['model_args'])
             except ValueError:
                 raise ValueError(f"{path}: its metadata's model_args is not JSON ({meta['model_args']!r}); "
                                  f"re-convert it with `robust-resnets convert`.") from None
-            return _architecture_record(meta['architecture'], args, path)
+            return _architecture_record(meta_arch, args, meta.get('num_classes'), path)
     config, recipe = path.parent / 'config.json', path.parent / 'train_config.yaml'
     if config.is_file():
         try:
             data = json.loads(config.read_text(encoding='utf-8'))
         except (OSError, ValueError) as e:
             raise ValueError(f"'{config}' beside the weights is not readable JSON ({e}); fix or remove it.") from None
-        arch, args = (data.get('architecture'), data.get('model_args')) if isinstance(data, dict) else (None, None)
-        return _architecture_record(arch, args, config)
-    if recipe.is_file():
+        data = data if isinstance(data, dict) else {}
+        record = _architecture_record(data.get('architecture'), data.get('model_args'), data.get('num_classes'), config)
+        if record is not None:
+            return record
+    elif recipe.is_file():
         import yaml
 
         try:
@@ -268,23 +284,39 @@ def recorded_architecture(path: Path) -> Optional[Tuple[str, Dict[str, Any], Pat
         except (OSError, yaml.YAMLError) as e:
             raise ValueError(f"'{recipe}' beside the weights is not readable YAML ({e}); fix or remove it.") from None
         model = data.get('model') if isinstance(data, dict) else None
-        arch, args = (model.get('name'), model.get('kwargs')) if isinstance(model, dict) else (None, None)
-        return _architecture_record(arch.split('.', 1)[0] if isinstance(arch, str) else arch, args, recipe)
-    return None
+        model = model if isinstance(model, dict) else {}
+        name, args = model.get('name'), model.get('kwargs')
+        if isinstance(name, str) and '.' in name:  # a tag: it built the architecture with its own arguments
+            entry = get_manifest().get(name)
+            args = {**(dict(entry.model_args) if entry is not None else {}), **(args or {})} \
+                if isinstance(args, (Mapping, type(None))) else args
+            name = name.split('.', 1)[0]
+        record = _architecture_record(name, args, model.get('num_classes'), recipe)
+        if record is not None:
+            return record
+    return _architecture_record(meta_arch, {}, meta.get('num_classes'), path) if meta_arch else None
 
 
-def _architecture_record(arch: Any, args: Any, where: Path) -> Optional[Tuple[str, Dict[str, Any], Path]]:
+def _architecture_record(arch: Any, args: Any, num_classes: Any, where: Path) -> Optional[RecordedArchitecture]:
     if not isinstance(arch, str) or not arch:
         return None
     args = args or {}
     if not isinstance(args, Mapping):
         raise ValueError(f"'{where}' gives the model arguments {args!r}, not a mapping; fix or remove it.")
-    return arch, {k: v for k, v in args.items() if k not in _HEAD_ARGS}, where
+    try:
+        classes = int(num_classes) if num_classes is not None else args.get('num_classes')
+    except (TypeError, ValueError):
+        classes = None
+    return RecordedArchitecture(arch, {k: v for k, v in args.items() if k not in _HEAD_ARGS},
+                                int(classes) if isinstance(classes, int) else None, where)
 
 
 def recorded_model_args(path: Path, *, architecture: str, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """The ``model_args`` recorded with a weights file (:func:`recorded_architecture`; none when nothing is
-    recorded), checked against the ``architecture`` and build ``kwargs`` it is about to be loaded into.
+    recorded), checked against the ``architecture`` it is about to be loaded into and the caller's ``kwargs``.
+
+    The recorded arguments override an entry point's own (as a tag's do); the caller's ``in_chans`` and
+    ``img_size`` apply over them, and so do its ``input_mean``/``input_std`` at another channel count.
 
     Raises:
         FileNotFoundError: The file does not exist.
@@ -295,16 +327,34 @@ def recorded_model_args(path: Path, *, architecture: str, kwargs: Mapping[str, A
     recorded = recorded_architecture(path)
     if recorded is None:
         return {}
-    arch, args, where = recorded
+    arch, args, _, where = recorded
     if arch != architecture:
         raise ValueError(f"{path} holds weights for '{arch}' (says {where}), not '{architecture}'; create '{arch}' "
                          f"with it instead.")
+    # the caller's input size and channel count apply (timm adapts the weights), and at another channel count
+    # so do its own input statistics, as for a tag
+    adapted = [k for k in _ADAPTED_ARGS if k in kwargs]
+    if 'in_chans' in kwargs and not _same_value(kwargs['in_chans'], args.get('in_chans', 3)):
+        adapted += [k for k in ('input_mean', 'input_std') if k in kwargs]
+    args = {k: v for k, v in args.items() if k not in adapted}
     clash = _clash(args, kwargs)
     if clash:
-        raise ValueError(f'{path} was trained as {architecture} with {clash[0]} (says {where}), which contradicts the '
-                         f'{clash[1]} it would be built with here. Drop or change the argument, or pick the weights '
-                         f'made for it.')
+        raise ValueError(f'{path} was trained as {architecture} with {clash[0]} (says {where}), which contradicts '
+                         f'your {clash[1]}. Drop the argument, or pick the weights made for it.')
     return args
+
+
+def _built_as_recorded(variant: str, kwargs: Dict[str, Any], caller: Mapping[str, Any], path: Path) -> Dict[str, Any]:
+    """``kwargs`` with the ``model_args`` recorded with an untagged overlay's file, and its class count: kept
+    where the caller asks for no other (timm then loads the file's head), else a fresh head (a fine-tune)."""
+    args = recorded_model_args(path, architecture=variant, kwargs=caller)
+    kwargs = {**kwargs, **{k: v for k, v in args.items() if k not in caller}}
+    record = recorded_architecture(path)
+    classes = record.num_classes if record is not None else None
+    if classes is not None and caller.get('num_classes', classes) == classes:
+        kwargs['num_classes'] = classes
+        kwargs['pretrained_cfg_overlay'] = {**kwargs['pretrained_cfg_overlay'], 'num_classes': classes}
+    return kwargs
 
 
 def _clash(trained: Mapping[str, Any], given: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
@@ -341,7 +391,7 @@ def _resolve(variant: str, pretrained: bool, caller: Dict[str, Any], arch_args: 
             return kwargs
         overlay = kwargs.get('pretrained_cfg_overlay') or {}
         if _own_source(overlay) == 'file':  # the caller's own file: built as recorded with it
-            return {**kwargs, **recorded_model_args(Path(overlay['file']), architecture=variant, kwargs=kwargs)}
+            return _built_as_recorded(variant, kwargs, caller, Path(overlay['file']))
         if _own_source(overlay):
             return kwargs  # the caller's own weights (a fine-tune, a download): no manifest entry
         weights = default_entry(variant)
