@@ -859,6 +859,15 @@ def test_eval_takes_an_exported_model_folder(tmp_path, monkeypatch, capsys):
         result = json.loads(out.read_text())
         assert result['model']['name'] == 'preact_resnet' and result['data']['dataset'] == 'cifar10'
         assert result['model']['checkpoint'] == str(run / 'model.safetensors')
+    # the weights file itself, or its architecture mistaken, is answered with the command that fits
+    capsys.readouterr()
+    assert _run_cli(['eval', str(run / 'model.safetensors'), *common]) == 1
+    assert (f"is a weights file, not a model: evaluate its folder (robust-resnets eval {run}), or name the "
+            f"architecture: robust-resnets eval preact_resnet --checkpoint {run / 'model.safetensors'}") \
+        in capsys.readouterr().err
+    assert _run_cli(['eval', 'robust_resnet_a0', '--checkpoint', str(run / 'model.safetensors'), *common]) == 1
+    assert (f"holds weights for 'preact_resnet' (says {run / 'config.json'}), not 'robust_resnet_a0'; evaluate it "
+            f"with: robust-resnets eval preact_resnet --checkpoint") in capsys.readouterr().err
     (run / 'model.safetensors').unlink()
     assert _run_cli(['eval', f'local-dir:{run}', *common]) == 1
     assert 'is not an exported model: it needs config.json and model.safetensors' in capsys.readouterr().err

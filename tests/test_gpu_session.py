@@ -87,7 +87,8 @@ def test_eval_builds_a_trained_run_from_its_config_json(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
     (tmp_path / 'config.json').write_text(json.dumps({'architecture': 'wrn_28_10', 'model_args': TINY}))
-    with pytest.raises(RuntimeError, match='shape mismatches'):  # another architecture's config is not used
+    with pytest.raises(ValueError, match=r"holds weights for 'wrn_28_10' \(says .*config.json\), not 'wrn_22_5'; "
+                                         r"evaluate it with: robust-resnets eval wrn_28_10 --checkpoint"):
         load_model('wrn_22_5', dataset='cifar10', checkpoint=tmp_path / 'model.safetensors')
 
 

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import time
@@ -59,6 +60,9 @@ def test_config_rejects_bad_keys_types_and_values(tmp_path):
     with pytest.raises(ConfigError, match=r"objective 'trades' with 'attack.eps' 0 attacks nothing: set attack.eps"):
         config_from_dict({'objective': {'name': 'trades'}, 'attack': {'eps': 0}})
     assert config_from_dict({'objective': {'name': 'clean'}, 'attack': {'eps': 0}}).attack.eps == 0
+    with pytest.raises(ConfigError, match=r"'model.kwargs.normalizations:GroupNorm' is null, which timm ignores .* "
+                                          r"Did you mean 'normalizations: GroupNorm'\?"):
+        load_config('quick_cifar10', overrides=['model.kwargs={depths: [1,1,1], normalizations:GroupNorm}'])
     with pytest.raises(ConfigError, match=r"'mart' does not use objective.label_smoothing \(it takes objective.beta\)"):
         config_from_dict({'objective': {'name': 'mart', 'label_smoothing': 0.1}})
     with pytest.raises(ConfigError, match="'pgd_at' does not use objective.beta, objective.clip_value"):
@@ -122,9 +126,23 @@ def test_a_file_may_build_on_a_shipped_recipe_and_its_description_names_its_chan
         load_config(mine)
     mine.write_text('base: quick_cifar10.yaml\n')  # the shipped one, not the working directory's
     assert load_config(mine).optim.lr == recipe.optim.lr
-    mine.write_text('base: no_such_recipe\n')
-    with pytest.raises(FileNotFoundError, match=r"names base 'no_such_recipe', but .* does not exist and no shipped "
-                                                r"recipe has that name \(quick_cifar10, rrn_a1_advanced"):
+    mine.write_text('base: quick_cifar100\n')
+    with pytest.raises(FileNotFoundError, match=r"names base 'quick_cifar100', but .* does not exist and no shipped "
+                                                r"recipe has that name. Did you mean 'quick_cifar10'\? Shipped recipes: "
+                                                r"quick_cifar10, rrn_a1_advanced"):
+        load_config(mine)
+    for empty in ('base:\n', 'base: [quick_cifar10]\n'):
+        mine.write_text(empty + 'run:\n  epochs: 1\n')
+        with pytest.raises(ConfigError, match=r"has 'base: .*'; give one file .* or shipped recipe name"):
+            load_config(mine)
+    mine.write_text('bse: quick_cifar10\n')
+    with pytest.raises(ConfigError, match=r"Unknown config key 'bse'. Did you mean 'base'\?"):
+        load_config(mine)
+    # another architecture with the base's model arguments is refused, as with --set (the shipped recipes that
+    # change model.name restate their arguments)
+    mine.write_text('base: quick_cifar10\nmodel:\n  name: robust_resnet_a0\n')
+    with pytest.raises(ConfigError, match=r"'.*mine.yaml' sets model.name: robust_resnet_a0 but keeps its base's "
+                                          r"model.kwargs .* Give its model: a 'kwargs: \{\}'"):
         load_config(mine)
 
 
@@ -530,7 +548,9 @@ def test_resume_and_run_directory_errors(tmp_path):
     train(_cfg(run={'max_steps': 1}), tmp_path / 'run', data=data)
     with pytest.raises(FileExistsError, match='already holds a run'):
         train(_cfg(), tmp_path / 'run', data=data)
-    with pytest.raises(ConfigError, match='differs .* in: optim.lr.*start a new run: --set model.pretrained_file='):
+    # a stopped run has no export yet: a new run starts from its last.pt (it holds no moving average)
+    with pytest.raises(ConfigError, match=r"differs .* in: optim.lr.*start a new run: --set "
+                                          r"model.pretrained_file=.*run/last.pt --out NEW_RUN"):
         train(_cfg(optim={'lr': 0.5}), tmp_path / 'run', data=data, resume=True)
     # the saved recipe has no stop point: `train --out RUN --resume` (which loads it) runs on to the end
     saved = load_config(tmp_path / 'run' / 'train_config.yaml')
@@ -654,8 +674,19 @@ def test_export_loads_in_timm_and_fine_tunes_with_a_new_head(tmp_path):
                 run={'epochs': 1})
     train(bare, tmp_path / 'finetune_bare', data=_data())
     assert json.loads((tmp_path / 'finetune_bare' / 'config.json').read_text())['model_args'] == TINY['kwargs']
-    with pytest.raises(ValueError, match=r"was trained as preact_resnet with depths=\[1, 1, 1\] \(says .*config.json\), "
-                                         r"which contradicts your depths=\[2, 2, 2\]"):
+    # a fine-tune resumes without its starting file: the checkpoint holds the weights and the arguments built
+    moved = tmp_path / 'moved'
+    shutil.copytree(run, moved)
+    resumable = _cfg(model={'pretrained_file': str(moved / 'model.safetensors'), 'kwargs': {}},
+                     objective={'name': 'clean'}, run={'epochs': 1})
+    train(dataclasses.replace(resumable, run=dataclasses.replace(resumable.run, max_steps=1)), tmp_path / 'ft_resume',
+          data=_data())
+    shutil.rmtree(moved)
+    train(resumable, tmp_path / 'ft_resume', data=_data(), resume=True)
+    assert json.loads((tmp_path / 'ft_resume' / 'config.json').read_text())['model_args'] == TINY['kwargs']
+    with pytest.raises(ValueError, match=r"model.pretrained_file: .* was trained as preact_resnet with depths=\[1, 1, 1\] "
+                                         r"\(says .*config.json\), which contradicts your depths=\[2, 2, 2\]"
+                                         r".*'model.kwargs=\{\}'"):
         train(_cfg(model={'pretrained_file': str(run / 'model.safetensors'), 'kwargs': {'depths': [2, 2, 2]}}),
               tmp_path / 'finetune_other', data=_data())
     # a training state with the weights and their average: which to start from is not guessed
@@ -808,13 +839,17 @@ def test_gradient_accumulation_gives_the_whole_batch_update_and_may_change_on_re
         log = [json.loads(x) for x in (tmp_path / f'accum{n}' / 'metrics.jsonl').read_text().splitlines()]
         first, epoch = log[0], next(r for r in log if r.get('epoch') == 1)
         assert first['grad_accum_steps'] == n and epoch['step'] == 2
-    # a run goes on with another number of passes (e.g. on fewer GPUs)
+    # a run goes on with another number of passes (e.g. on fewer GPUs), and its next resume keeps that number
     train(with_accum(2, max_steps=1), tmp_path / 'changed', data=data)
-    train(cfg, tmp_path / 'changed', data=data, resume=True)
+    train(with_accum(4), tmp_path / 'changed', data=data, resume=True)
     _assert_same_update(torch.load(tmp_path / 'changed' / 'last.pt', weights_only=False), whole, cfg)
+    assert load_config(str(tmp_path / 'changed' / 'train_config.yaml')).run.grad_accum_steps == 4
+    resumed = [json.loads(x) for x in (tmp_path / 'changed' / 'metrics.jsonl').read_text().splitlines()
+               if '"resume"' in x]
+    assert resumed[-1]['grad_accum_steps'] == 4
 
-    with pytest.raises(ConfigError, match=r'run.batch_size \(16\) must divide evenly over 1 processes x 3 steps of '
-                                          r'run.grad_accum_steps'):
+    with pytest.raises(ConfigError, match=r'run.batch_size \(16\) must divide evenly over 1 process x 3 passes of '
+                                          r'run.grad_accum_steps; 16 images a process split into 2 or 4 or 8 passes'):
         train(with_accum(3), tmp_path / 'uneven', data=data)
     with pytest.raises(ConfigError, match=r'per process and pass \(3\) must be even.*run.grad_accum_steps'):
         mixed = _cfg(data={'mixup_alpha': 0.8}, run={'batch_size': 12, 'grad_accum_steps': 4})
@@ -881,12 +916,16 @@ def test_torchrun_entry_reports_errors_like_the_cli(tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(trainer_mod, 'train', fails(KeyboardInterrupt()))
     assert torchrun_main(['--resume', '--out', str(run)]) == 130
-    assert f'goes on from the start: no checkpoint was written yet with: robust-resnets train --out {run} --resume' \
-        in capsys.readouterr().err
+    assert f'the run starts again: no checkpoint was written yet; continue it with: robust-resnets train --out {run} ' \
+        f'--resume' in capsys.readouterr().err
     monkeypatch.setattr(trainer_mod, 'train', fails(trainer_mod.TrainingInterrupted(7, run / 'last.pt')))
     assert torchrun_main(['--resume', '--out', str(run)]) == 130
-    assert f'goes on from step 7, saved when Ctrl-C stopped it, with: robust-resnets train --out {run} --resume' \
-        in capsys.readouterr().err
+    assert f'the run goes on from step 7, saved when Ctrl-C stopped it; continue it with: robust-resnets train ' \
+        f'--out {run} --resume' in capsys.readouterr().err
+    torch.save({'step': 5, 'model': {}}, run / 'last.pt')  # a second Ctrl-C: the last checkpoint's step
+    monkeypatch.setattr(trainer_mod, 'train', fails(KeyboardInterrupt()))
+    assert torchrun_main(['--resume', '--out', str(run)]) == 130
+    assert 'the run goes on from its last checkpoint (step 5); continue it with' in capsys.readouterr().err
 
 
 # --- real data ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 __all__ = ['register', 'add_arguments', 'run']
 
@@ -60,12 +61,13 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         if int(os.environ.get('RANK', '0')) == 0 and (Path(args.out) / 'train_config.yaml').is_file():
             if isinstance(e, TrainingInterrupted):
-                kept = f'step {e.step}, saved when Ctrl-C stopped it,'
+                kept = f'goes on from step {e.step}, saved when Ctrl-C stopped it'
             elif (Path(args.out) / 'last.pt').is_file():
-                kept = 'its last checkpoint (an epoch end, or every run.checkpoint_every steps)'
+                step = _checkpoint_step(Path(args.out) / 'last.pt')
+                kept = f"goes on from its last checkpoint{f' (step {step})' if step is not None else ''}"
             else:
-                kept = 'the start: no checkpoint was written yet'
-            print(f'robust-resnets train: the run goes on from {kept} with: robust-resnets train --out {args.out} '
+                kept = 'starts again: no checkpoint was written yet'
+            print(f'robust-resnets train: the run {kept}; continue it with: robust-resnets train --out {args.out} '
                   f'--resume', file=sys.stderr)
         raise
     if int(os.environ.get('RANK', '0')) != 0:  # under torchrun, one report
@@ -75,6 +77,16 @@ def run(args: argparse.Namespace) -> int:
     if summary['status'] == 'stopped':
         print(f'resume with: robust-resnets train --out {args.out} --resume')
     return 0
+
+
+def _checkpoint_step(path) -> Optional[int]:
+    """The step a training checkpoint holds (None when it cannot be read)."""
+    import torch
+
+    try:  # memory-mapped: the tensors stay on disk
+        return int(torch.load(path, map_location='cpu', mmap=True, weights_only=False)['step'])
+    except Exception:  # noqa: BLE001  (a half-written or foreign file: the message goes without the step)
+        return None
 
 
 def register(subparsers) -> None:

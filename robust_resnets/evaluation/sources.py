@@ -37,6 +37,13 @@ def exported_model(name: str) -> Optional[Tuple[str, Path, Optional[str]]]:
     import timm
 
     path = Path(name[len('local-dir:'):]) if name.startswith('local-dir:') else Path(name)
+    if path.is_file() and not timm.is_model(name.partition('.')[0]):
+        from robust_resnets.weights.pretrained import recorded_architecture
+
+        recorded = recorded_architecture(path)
+        folder = f"its folder (robust-resnets eval {path.parent}), or " if (path.parent / 'config.json').is_file() else ''
+        raise ValueError(f"'{path}' is a weights file, not a model: evaluate {folder}name the architecture: "
+                         f"robust-resnets eval {recorded.architecture if recorded else 'ARCH'} --checkpoint {path}")
     if not name.startswith('local-dir:') and (not path.is_dir() or timm.is_model(name.partition('.')[0])):
         return None  # a model name, even where a folder of that name exists (convert's --out ./TAG)
     config, weights = path / 'config.json', path / 'model.safetensors'
@@ -233,11 +240,21 @@ def _unknown_tag_message(name: str) -> str:
 
 def _beside_model_args(checkpoint: Path, arch: str) -> Dict[str, Any]:
     """The model arguments recorded with ``checkpoint`` (its safetensors metadata, or a training run's
-    ``config.json`` or ``train_config.yaml`` beside it) when they describe ``arch``; else none."""
+    ``config.json`` or ``train_config.yaml`` beside it); none when nothing is recorded.
+
+    Raises:
+        ValueError: The record names another architecture than ``arch``.
+    """
     from robust_resnets.weights.pretrained import recorded_architecture
 
     recorded = recorded_architecture(checkpoint)
-    return recorded.model_args if recorded is not None and recorded.architecture == arch else {}
+    if recorded is None:
+        return {}
+    if recorded.architecture != arch:
+        raise ValueError(f"{checkpoint} holds weights for '{recorded.architecture}' (says {recorded.source}), not "
+                         f"'{arch}'; evaluate it with: robust-resnets eval {recorded.architecture} --checkpoint "
+                         f"{checkpoint}")
+    return recorded.model_args
 
 
 def _load_checkpoint(model: nn.Module, arch: str, path: Path, *, key: Optional[str] = None) -> None:

@@ -14,7 +14,16 @@ __all__ = [
     'ConfigError', 'TrainConfig', 'load_config', 'list_builtin_configs', 'train',
     'OBJECTIVES', 'Objective', 'get_objective', 'clean_loss', 'pgd_at_loss', 'pgd_at_attack_loss', 'trades_loss',
     'trades_attack_loss', 'mart_loss', 'mart_attack_loss', 'score_loss', 'score_attack_loss',
+    'TrainingDiverged', 'TrainingInterrupted',
 ]
+
+
+def __getattr__(name: str):
+    """The loop's exceptions, imported with the loop on first use."""
+    if name in ('TrainingDiverged', 'TrainingInterrupted'):
+        from . import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def train(*args, **kwargs):

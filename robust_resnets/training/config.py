@@ -507,6 +507,12 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"'schedule.min_lr' ({cfg.schedule.min_lr}) must be below 'optim.lr' ({cfg.optim.lr}).")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}.")
+    for key, value in cfg.model.kwargs.items():
+        if value is None:  # timm.create_model drops None arguments: the default would be built unsaid
+            name, sep, rest = str(key).partition(':')
+            hint = f" Did you mean '{name}: {rest}'? (YAML needs a space after the colon.)" if sep else ''
+            raise ConfigError(f"'model.kwargs.{key}' is null, which timm ignores (the model's default is built); give "
+                              f"it a value or remove it.{hint}")
     if not 0.0 <= cfg.data.generated_fraction < 1.0:
         raise ConfigError(f"'data.generated_fraction' must be in [0, 1), got {cfg.data.generated_fraction}.")
     if cfg.data.generated_fraction > 0 and not cfg.data.generated:
@@ -672,17 +678,23 @@ def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[st
     return values
 
 
-def _refuse_kept_model_kwargs(before: Dict[str, Any], after: Dict[str, Any], keys: Sequence[str]) -> None:
+def _refuse_kept_model_kwargs(before: Dict[str, Any], after: Dict[str, Any], keys: Sequence[str], *,
+                              file: Optional[Path] = None) -> None:
     """Another ``model.name`` with the recipe's ``model.kwargs`` left in place would build the new architecture
-    with arguments written for the old one: the overrides must say which arguments to use. (A file that names a
-    ``base:`` inherits them: the shipped ``*_advanced`` recipes share their base's activation that way.)"""
+    with arguments written for the old one: the overrides (or the ``file`` that names a ``base:``) must say
+    which arguments to use."""
     old, new = (before.get('model') or {}), (after.get('model') or {})
     kwargs_set = any(k == 'model.kwargs' or k.startswith('model.kwargs.') for k in keys)
-    if new.get('name') != old.get('name') and old.get('kwargs') and not kwargs_set:
-        raise ConfigError(f"--set model.name={new.get('name')} keeps the recipe's model.kwargs {old['kwargs']}, "
-                          f"written for {old.get('name')}. Add --set 'model.kwargs={{}}' to build "
-                          f"{new.get('name')} as registered, or set the arguments you want "
-                          f"(--set model.kwargs.NAME=VALUE).")
+    if new.get('name') == old.get('name') or not old.get('kwargs') or kwargs_set:
+        return
+    if file is not None:
+        raise ConfigError(f"'{file}' sets model.name: {new.get('name')} but keeps its base's model.kwargs "
+                          f"{old['kwargs']}, written for {old.get('name')}. Give its model: a 'kwargs: {{}}' to build "
+                          f"{new.get('name')} as registered, or the arguments you want.")
+    raise ConfigError(f"--set model.name={new.get('name')} keeps the recipe's model.kwargs {old['kwargs']}, "
+                      f"written for {old.get('name')}. Add --set 'model.kwargs={{}}' to build "
+                      f"{new.get('name')} as registered, or set the arguments you want "
+                      f"(--set model.kwargs.NAME=VALUE).")
 
 
 def list_builtin_configs() -> List[str]:
@@ -732,19 +744,30 @@ def _load_yaml_tree(path: Path, seen: tuple = ()) -> Dict[str, Any]:
         raise ConfigError(f"Config '{path}' is not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"Config '{path}' must be a mapping of sections (model, data, objective, ...).")
-    base = values.pop('base', None)
-    if base is None:
+    sections = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key not in sections and key != 'base':
+            raise _unknown_key(str(key), sections + ['base'])
+    if 'base' not in values:
         return values
-    base_path = path.parent / str(base)
+    base = values.pop('base')
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"Config '{path}' has 'base: {'' if base is None else base}'; give one file (relative to it) "
+                          f"or shipped recipe name, e.g. 'base: quick_cifar10', or remove the line.")
+    base_path = path.parent / base
     if not base_path.is_file():
-        shipped = _shipped_recipe(str(base))
+        shipped = _shipped_recipe(base)
         if shipped is None:
+            close = difflib.get_close_matches(Path(base).stem, list_builtin_configs(), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ''
             raise FileNotFoundError(f"Config '{path}' names base '{base}', but '{base_path}' does not exist and no "
-                                    f"shipped recipe has that name ({', '.join(list_builtin_configs())}).")
+                                    f"shipped recipe has that name.{hint} Shipped recipes: "
+                                    f"{', '.join(list_builtin_configs())}.")
         base_path = shipped
     base_values = _load_yaml_tree(base_path, seen + (path,))
     merged = _merge(base_values, values)
     own = list(_flatten(values))
+    _refuse_kept_model_kwargs(base_values, merged, own, file=path)
     if 'description' not in values and base_values.get('description'):
         # the base's description would pass this file's run off as the base's: name what the file changes,
         # compared as validated values (a default written out, or 8/255 as a decimal, changes nothing)

@@ -186,18 +186,18 @@ def _broadcast_object(obj: Any, d: _Dist) -> Any:
 
 
 # --- model, optimiser, schedule, averaging -------------------------------------------------------------
-def _create_model(cfg: TrainConfig, num_classes: int, model_args: Dict[str, Any]) -> nn.Module:
-    """The run's model, built with ``model_args`` (:func:`_built_model_args`) and its starting weights."""
+def _create_model(cfg: TrainConfig, num_classes: int, model_args: Dict[str, Any], *, starting_weights: bool = True
+                  ) -> nn.Module:
+    """The run's model, built with ``model_args`` (:func:`_built_model_args`), with its starting weights
+    (``model.pretrained``/``model.pretrained_file``) unless ``starting_weights`` is False (a resumed run)."""
     import timm
 
     import robust_resnets  # noqa: F401  (registers the models)
 
-    if cfg.model.pretrained_file is not None and not Path(cfg.model.pretrained_file).is_file():
-        raise FileNotFoundError(f"model.pretrained_file '{cfg.model.pretrained_file}' does not exist.")
     kwargs = dict(model_args) if '.' not in cfg.model.name else dict(cfg.model.kwargs)  # a tag: timm adds its own
     kwargs['num_classes'] = cfg.model.num_classes or num_classes
-    pretrained = cfg.model.pretrained or cfg.model.pretrained_file is not None
-    if cfg.model.pretrained_file is not None:
+    pretrained = starting_weights and (cfg.model.pretrained or cfg.model.pretrained_file is not None)
+    if pretrained and cfg.model.pretrained_file is not None:
         path = Path(cfg.model.pretrained_file)
         # a pickled training state is opened here once, so that which weights it holds is never guessed
         kwargs['pretrained_cfg_overlay'] = dict(file=str(path)) if path.suffix == '.safetensors' else \
@@ -451,12 +451,18 @@ def _built_model_args(cfg: TrainConfig) -> Dict[str, Any]:
     from robust_resnets.weights import get_manifest
     from robust_resnets.weights.pretrained import recorded_model_args
 
+    if cfg.model.pretrained_file is not None and not Path(cfg.model.pretrained_file).is_file():
+        raise FileNotFoundError(f"model.pretrained_file '{cfg.model.pretrained_file}' does not exist.")
     if '.' in cfg.model.name:
         entry = get_manifest().get(cfg.model.name)
         base = dict(entry.model_args) if entry is not None else {}
     elif cfg.model.pretrained_file is not None:
-        base = recorded_model_args(Path(cfg.model.pretrained_file), architecture=cfg.model.name,
-                                   kwargs=cfg.model.kwargs)
+        try:
+            base = recorded_model_args(Path(cfg.model.pretrained_file), architecture=cfg.model.name,
+                                       kwargs=cfg.model.kwargs)
+        except ValueError as e:
+            raise ValueError(f"model.pretrained_file: {e} In a recipe: set model.name to the file's architecture, "
+                             f"and 'model.kwargs={{}}' to build it as recorded.") from None
     else:
         base = {}
     return {**base, **cfg.model.kwargs}
@@ -506,9 +512,16 @@ def _refuse_changes(saved: Dict[str, Any], cfg: TrainConfig, run_dir: Path) -> N
     saved, now = _flatten(saved), _flatten(config_to_dict(cfg))
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RUN_CONTROL_KEYS)
     if changed:
-        longer = (f' To train on from its weights with another schedule, start a new run: --set '
-                  f'model.pretrained_file={run_dir / "model.safetensors"} --out NEW_RUN.'
-                  if {'run.epochs', 'optim.lr'} & set(changed) else '')
+        longer = ''
+        if {'run.epochs', 'optim.lr'} & set(changed):
+            exported = run_dir / 'model.safetensors'
+            if exported.is_file() or (saved.get('ema.enabled') and (run_dir / 'last.pt').is_file()):
+                # last.pt holding the weights and their average is ambiguous as a start: its export is not
+                when = '' if exported.is_file() else ' once the run has finished (resume it to the end first)'
+                start = f'model.pretrained_file={exported}{when}'
+            else:
+                start = f"model.pretrained_file={run_dir / 'last.pt'}"
+            longer = f' To train on from its weights with another schedule, start a new run: --set {start} --out NEW_RUN.'
         raise ConfigError(f"The config differs from the one '{run_dir}' was started with, in: "
                           f"{', '.join(changed)}. Resume with the run's own train_config.yaml (only "
                           f"{', '.join(RUN_CONTROL_KEYS)} may change).{longer}")
@@ -562,6 +575,7 @@ def train(cfg: TrainConfig, out_dir: Union[str, Path], *, resume: bool = False,
 
     Raises:
         TrainingDiverged: The loss became non-finite (the last good checkpoint is kept).
+        TrainingInterrupted: Ctrl-C stopped the run after a step, which ``last.pt`` holds (a KeyboardInterrupt).
         ConfigError, FileNotFoundError, FileExistsError, ValueError: Bad config, data or run directory.
     """
     d = _setup_distributed(cfg.run.device)
@@ -601,8 +615,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
     config_from_dict(config_to_dict(cfg))  # validate programmatic configs too
     accum_steps = cfg.run.grad_accum_steps
     if cfg.run.batch_size % (d.world_size * accum_steps):
-        over = f'{d.world_size} processes' + (f' x {accum_steps} steps of run.grad_accum_steps' if accum_steps > 1 else '')
-        raise ConfigError(f'run.batch_size ({cfg.run.batch_size}) must divide evenly over {over}.')
+        processes = f"{d.world_size} process{'es' if d.world_size > 1 else ''}"
+        if cfg.run.batch_size % d.world_size or accum_steps == 1:
+            raise ConfigError(f'run.batch_size ({cfg.run.batch_size}) must divide evenly over {processes}.')
+        per_process = cfg.run.batch_size // d.world_size
+        fits = [n for n in range(2, per_process + 1) if per_process % n == 0][:3]
+        raise ConfigError(f'run.batch_size ({cfg.run.batch_size}) must divide evenly over {processes} x {accum_steps} '
+                          f'passes of run.grad_accum_steps; {per_process} images a process split into '
+                          f"{' or '.join(map(str, fits))} passes.")
     micro_batch = cfg.run.batch_size // (d.world_size * accum_steps)  # images per forward/backward pass
     # rank 0 checks the run directory (which all processes must see) and tells the others
     ckpt, error = None, None
@@ -654,8 +674,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         hyper['label_smoothing'] = 0.0  # the mixed targets carry it
 
     torch.manual_seed(cfg.run.seed)
-    model_args = _built_model_args(cfg)  # once: the export records what was built
-    raw = _create_model(cfg, data.num_classes, model_args).to(device)
+    # once: the export records what was built; a resumed run needs neither its starting weights nor their file
+    model_args = ckpt['model_args'] if ckpt is not None and 'model_args' in ckpt else _built_model_args(cfg)
+    raw = _create_model(cfg, data.num_classes, model_args, starting_weights=ckpt is None).to(device)
     if channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(raw, cfg)
@@ -682,9 +703,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
     # resuming a run that already ended: nothing to train, and its exported weights and metrics stay as they are
     already_exported = ckpt_loaded and step >= total_steps and (run_dir / 'model.safetensors').is_file()
     del ckpt
-    if d.main and not ckpt_loaded:  # created only once the data and the model are in place
+    if d.main:  # created only once the data and the model are in place
         run_dir.mkdir(parents=True, exist_ok=True)
-        # the recipe, without this launch's stop point: `--resume` from it runs on to the end
+        # the recipe, without this launch's stop point: `--resume` from it runs on to the end; a resumed run
+        # writes it again, with the run-control values it changed (e.g. run.grad_accum_steps) for the next resume
         recipe = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=None))
         write_text(yaml.safe_dump(config_to_dict(recipe), sort_keys=False), run_dir / 'train_config.yaml')
     if d.enabled:
@@ -719,7 +741,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         if not d.main:
             return
         _atomic_torch_save({
-            'format_version': CHECKPOINT_VERSION, 'config': config_to_dict(cfg), 'step': step,
+            'format_version': CHECKPOINT_VERSION, 'config': config_to_dict(cfg), 'model_args': model_args, 'step': step,
             'epoch': step // spe, 'model': raw.state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(),
             # timm's key: timm.models.load_checkpoint(model, 'last.pt', use_ema=True) loads the average
@@ -732,7 +754,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
              'grad_accum_steps': accum_steps, 'device': str(device), 'amp': amp, 'channels_last': channels_last,
              'params': sum(p.numel() for p in raw.parameters())})
     elif d.main and not already_exported:
-        log({'event': 'resume', 'step': step, 'epoch': step / spe})
+        log({'event': 'resume', 'step': step, 'epoch': step / spe, 'world_size': d.world_size,
+             'grad_accum_steps': accum_steps})
 
     progress = None
     if d.main and cfg.run.progress:
