@@ -762,6 +762,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, data: Optional[Union[T
         from tqdm.auto import tqdm
         progress = tqdm(total=total_steps, initial=step, unit='step', dynamic_ncols=True,
                         desc=f'epoch {min(step // spe + 1, cfg.run.epochs)}/{cfg.run.epochs}')
+
     def forward_backward(x: Tensor, y: Tensor, *, attack_seeds: Tensor, mix_seed: int) -> _PassOutputs:
         """One forward/backward pass on a part of the step's batch; its gradients add to the parameters'."""
         targets = y  # class indices, or the soft targets of mixed batches
