@@ -249,7 +249,7 @@ def recorded_architecture(path: Path) -> Optional[RecordedArchitecture]:
     Raises:
         ValueError: The record is unreadable.
     """
-    meta_arch = None
+    meta: Dict[str, str] = {}
     if path.suffix == '.safetensors' and path.is_file():
         from safetensors import SafetensorError, safe_open
 
@@ -257,15 +257,15 @@ def recorded_architecture(path: Path) -> Optional[RecordedArchitecture]:
             with safe_open(str(path), framework='pt') as f:
                 meta = f.metadata() or {}
         except (SafetensorError, OSError):
-            meta = {}  # not readable: timm's loader says so
-        meta_arch = meta.get('architecture') or None
-        if meta_arch and meta.get('model_args') is not None:
-            try:
-                args = json.loads(meta['model_args'])
-            except ValueError:
-                raise ValueError(f"{path}: its metadata's model_args is not JSON ({meta['model_args']!r}); "
-                                 f"re-convert it with `robust-resnets convert`.") from None
-            return _architecture_record(meta_arch, args, meta.get('num_classes'), path)
+            pass  # not readable: timm's loader says so
+    meta_arch = meta.get('architecture') or None
+    if meta_arch and meta.get('model_args') is not None:
+        try:
+            args = json.loads(meta['model_args'])
+        except ValueError:
+            raise ValueError(f"{path}: its metadata's model_args is not JSON ({meta['model_args']!r}); "
+                             f"re-convert it with `robust-resnets convert`.") from None
+        return _architecture_record(meta_arch, args, meta.get('num_classes'), path)
     config, recipe = path.parent / 'config.json', path.parent / 'train_config.yaml'
     if config.is_file():
         try:
@@ -276,7 +276,7 @@ def recorded_architecture(path: Path) -> Optional[RecordedArchitecture]:
         record = _architecture_record(data.get('architecture'), data.get('model_args'), data.get('num_classes'), config)
         if record is not None:
             return record
-    elif recipe.is_file():
+    if recipe.is_file():
         import yaml
 
         try:
