@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     check_pixel_units(eps, norm=norm, name='--eps', text=args.eps)
     if step_size is not None:
         check_pixel_units(step_size, norm=norm, name='--step-size', text=args.step_size)
-    parse_attacks(args.attacks, eps=eps, norm=norm, step_size=step_size)  # bad names fail before any loading
+    specs = parse_attacks(args.attacks, eps=eps, norm=norm, step_size=step_size)  # bad names fail before any loading
     if norm == 'Linf' and step_size is not None and step_size > eps:
         # not refused: a step of 2.5 * eps / steps is in use; but 0.8 is how Huang et al.'s scripts spell 0.8/255
         hint = f' Steps are in pixel units like --eps: did you mean --step-size {args.step_size}/255?' \
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if state and Path(state).exists():
         print(f'resuming from {state} (attacks finished there are not run again)', file=sys.stderr)
     try:
-        result = evaluate(model, images, labels, attacks=args.attacks, eps=eps, norm=norm, step_size=step_size,
+        result = evaluate(model, images, labels, attacks=specs, eps=eps, norm=norm, step_size=step_size,
                           batch_size=args.batch_size, device=device, seed=args.seed, state_path=state,
                           progress=not args.quiet, allow_train_mode=args.allow_train_mode,
                           allow_randomized=args.allow_randomized, check_masking=not args.no_masking_check)

@@ -586,9 +586,6 @@ def _validate_data(cfg: TrainConfig) -> None:
                               f"{', '.join(SOFT_TARGET_OBJECTIVES)} or set data.mixup_alpha=0 and data.cutmix_alpha=0.")
 
 
-_MISSING = object()
-
-
 def _flatten(d: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -772,7 +769,7 @@ def _load_yaml_tree(path: Path, seen: tuple = ()) -> Dict[str, Any]:
         # the base's description would pass this file's run off as the base's: name what the file changes,
         # compared as validated values (a default written out, or 8/255 as a decimal, changes nothing)
         before, after = _validated_flat(base_values), _validated_flat(merged)
-        changed = [k for k in own if k not in RUN_CONTROL_KEYS and before.get(k, _MISSING) != after.get(k)]
+        changed = [k for k in own if k not in RUN_CONTROL_KEYS and (k not in before or before[k] != after.get(k))]
         if changed:
             merged['description'] = f"{base_values['description']} (with changes from {path.name}: " \
                                     f"{', '.join(changed)})"

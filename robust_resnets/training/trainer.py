@@ -194,7 +194,7 @@ def _create_model(cfg: TrainConfig, num_classes: int, model_args: Dict[str, Any]
 
     import robust_resnets  # noqa: F401  (registers the models)
 
-    kwargs = dict(model_args) if '.' not in cfg.model.name else dict(cfg.model.kwargs)  # a tag: timm adds its own
+    kwargs = dict(model_args)
     kwargs['num_classes'] = cfg.model.num_classes or num_classes
     pretrained = starting_weights and (cfg.model.pretrained or cfg.model.pretrained_file is not None)
     if pretrained and cfg.model.pretrained_file is not None:

@@ -322,12 +322,18 @@ def recorded_model_args(path: Path, *, architecture: str, kwargs: Mapping[str, A
         FileNotFoundError: The file does not exist.
         ValueError: The file was made for another architecture, or a build argument contradicts a recorded one.
     """
+    return _checked_record(path, architecture=architecture, kwargs=kwargs)[0]
+
+
+def _checked_record(path: Path, *, architecture: str,
+                    kwargs: Mapping[str, Any]) -> Tuple[Dict[str, Any], Optional[int]]:
+    """:func:`recorded_model_args` and the recorded class count (None when not recorded)."""
     if not path.is_file():
         raise FileNotFoundError(f'Pretrained file {path} does not exist; check its path.')
     recorded = recorded_architecture(path)
     if recorded is None:
-        return {}
-    arch, args, _, where = recorded
+        return {}, None
+    arch, args, classes, where = recorded
     if arch != architecture:
         raise ValueError(f"{path} holds weights for '{arch}' (says {where}), not '{architecture}'; create '{arch}' "
                          f"with it instead.")
@@ -341,16 +347,14 @@ def recorded_model_args(path: Path, *, architecture: str, kwargs: Mapping[str, A
     if clash:
         raise ValueError(f'{path} was trained as {architecture} with {clash[0]} (says {where}), which contradicts '
                          f'your {clash[1]}. Drop the argument, or pick the weights made for it.')
-    return args
+    return args, classes
 
 
 def _built_as_recorded(variant: str, kwargs: Dict[str, Any], caller: Mapping[str, Any], path: Path) -> Dict[str, Any]:
     """``kwargs`` with the ``model_args`` recorded with an untagged overlay's file, and its class count: kept
     where the caller asks for no other (timm then loads the file's head), else a fresh head (a fine-tune)."""
-    args = recorded_model_args(path, architecture=variant, kwargs=caller)
+    args, classes = _checked_record(path, architecture=variant, kwargs=caller)
     kwargs = {**kwargs, **{k: v for k, v in args.items() if k not in caller}}
-    record = recorded_architecture(path)
-    classes = record.num_classes if record is not None else None
     if classes is not None and caller.get('num_classes', classes) == classes:
         kwargs['num_classes'] = classes
         kwargs['pretrained_cfg_overlay'] = {**kwargs['pretrained_cfg_overlay'], 'num_classes': classes}
